@@ -1,0 +1,68 @@
+"""Extra checkpoint formats written beside the native one (`--export FORMAT`): each exporter takes the compressed
+model in memory and writes `<output>-<format>/`. Formats register themselves here."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from ..errors import ConfigError
+
+EXPORTERS: dict[str, Callable[[nn.Module, Any, Path, bool], Path]] = {}
+
+
+def register_exporter(name: str):
+    def deco(fn: Callable[[nn.Module, Any, Path, bool], Path]):
+        EXPORTERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_format_modules() -> None:
+    import importlib
+    import pkgutil
+
+    import compress.formats as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("exporters",):
+            importlib.import_module(f"compress.formats.{info.name}")
+
+
+def known_formats() -> list[str]:
+    _load_format_modules()
+    return sorted(EXPORTERS)
+
+
+def export(fmt: str, model: nn.Module, tokenizer: Any, output: str | Path, *, overwrite: bool = False) -> Path:
+    _load_format_modules()
+    if fmt not in EXPORTERS:
+        raise ConfigError(f"--export {fmt!r} is not a known format; known: {', '.join(sorted(EXPORTERS))}")
+    target = Path(f"{output}-{fmt}")
+    return EXPORTERS[fmt](model, tokenizer, target, overwrite)
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model with every compressed linear replaced by a plain nn.Linear holding its float weight."""
+    from . import compressed_modules, set_module
+
+    dense = copy.deepcopy(model)
+    for name, mod in compressed_modules(dense).items():
+        w = mod.dequantize_weight() if hasattr(mod, "dequantize_weight") else mod.weight
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=getattr(mod, "bias", None) is not None, dtype=w.dtype)
+        lin.weight.data.copy_(w)
+        if lin.bias is not None:
+            lin.bias.data.copy_(mod.bias.data)
+        set_module(dense, name, lin)
+    return dense
+
+
+@register_exporter("dense")
+def export_dense(model: nn.Module, tokenizer: Any, target: Path, overwrite: bool) -> Path:
+    """Plain transformers folder (float weights): loads in any tool with AutoModelForCausalLM."""
+    from . import save_checkpoint
+
+    return save_checkpoint(dequantized_copy(model), tokenizer, target, overwrite=overwrite)

@@ -1,0 +1,115 @@
+"""QuantLinear: a linear layer stored as packed integer codes + float16 scales (+ packed zero points, + group index).
+
+Weight-only quantization: the forward pass dequantizes the weight on the fly and runs a float matmul (no integer
+kernel). Memory and checkpoints hold the packed integers; `storage_bits()` counts every stored bit.
+Buffers (the project's native layout, written as-is into safetensors):
+  weight_packed     int32 [out, ceil(in/32)*bits]        codes, bit-packed along the input dimension
+  weight_scale      float16 [out, n_groups]
+  weight_zero_point int32 [n_groups, ceil(out/32)*bits]  asymmetric only (symmetric zero is 2^(bits-1)); packed
+                                                         along the output dimension, as GPTQ's qzeros are
+  weight_g_idx      int32 [in]                           only when groups are not in natural order (act-order)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quant_grid import SCALE_DTYPE, QuantizedWeight, QuantSpec, dequantize_codes, pack_bits, packed_words, unpack_bits
+
+
+class QuantLinear(nn.Module):
+    is_compress_linear = True
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, *, bias: bool = False,
+                 has_g_idx: bool = False, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.compute_dtype = dtype
+        n_groups = spec.groups(in_features)
+        self.register_buffer("weight_packed", torch.zeros(out_features, packed_words(in_features, spec.bits), dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, n_groups, dtype=SCALE_DTYPE, device=device))
+        if not spec.sym:
+            self.register_buffer("weight_zero_point", torch.zeros(n_groups, packed_words(out_features, spec.bits), dtype=torch.int32, device=device))
+        else:
+            self.weight_zero_point = None
+        if has_g_idx:
+            self.register_buffer("weight_g_idx", spec.g_idx(in_features, device=device))
+        else:
+            self.weight_g_idx = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    # ------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        out_f, in_f = qw.codes.shape
+        natural = qw.natural_order
+        mod = cls(in_f, out_f, qw.spec, bias=bias is not None, has_g_idx=not natural, dtype=dtype, device=qw.codes.device)
+        mod.weight_packed.copy_(pack_bits(qw.codes, qw.spec.bits))
+        mod.weight_scale.copy_(qw.scales.to(SCALE_DTYPE))
+        if not qw.spec.sym:
+            mod.weight_zero_point.copy_(pack_bits(qw.zeros.t(), qw.spec.bits))
+        elif not torch.all(qw.zeros == (qw.spec.maxq + 1) // 2):
+            raise ValueError("symmetric quantization needs every zero point at 2^(bits-1)")
+        if not natural:
+            mod.weight_g_idx.copy_(qw.g_idx.to(torch.int32))
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach().to(dtype))
+        return mod
+
+    def quantized_weight(self) -> QuantizedWeight:
+        spec = self.spec
+        n_groups = self.weight_scale.shape[1]
+        codes = unpack_bits(self.weight_packed, spec.bits, self.in_features)
+        if spec.sym:
+            zeros = torch.full((self.out_features, n_groups), (spec.maxq + 1) // 2, dtype=torch.uint8, device=codes.device)
+        else:
+            zeros = unpack_bits(self.weight_zero_point, spec.bits, self.out_features).t()
+        g_idx = self.weight_g_idx if self.weight_g_idx is not None else spec.g_idx(self.in_features, device=codes.device)
+        return QuantizedWeight(codes, self.weight_scale, zeros, g_idx, spec)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        qw = self.quantized_weight()
+        g_idx = qw.g_idx if self.weight_g_idx is not None else None  # natural groups: broadcast, no gather
+        return dequantize_codes(qw.codes, qw.scales, qw.zeros, g_idx, self.spec.group_size).to(dtype or self.compute_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (read-only view for code that inspects `.weight`)."""
+        return self.dequantize_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    # ------------------------------------------------------------------------------------------------------------
+    def storage_bits(self) -> int:
+        """Bits this layer's weight occupies in storage: codes, scales, zero points and group index (bias excluded)."""
+        n = self.weight_packed.numel() * 32 + self.weight_scale.numel() * 16
+        if self.weight_zero_point is not None:
+            n += self.weight_zero_point.numel() * 32
+        if self.weight_g_idx is not None:
+            n += self.weight_g_idx.numel() * 32
+        return n
+
+    def quant_config(self) -> dict:
+        return {"bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym,
+                "act_order": self.weight_g_idx is not None, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.label()}, g_idx={self.weight_g_idx is not None}"
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or one of the project's linear replacements (quantized, fake-quantized, int8...)."""
+    return isinstance(module, nn.Linear) or getattr(module, "is_compress_linear", False)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (dequantized) float weight of any linear-like module."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if hasattr(module, "dequantize_weight"):
+        return module.dequantize_weight()
+    return module.weight

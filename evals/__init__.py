@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, zero-shot tasks (lm-eval), size and efficiency, reports."""

@@ -1,0 +1,1 @@
+"""Compression methods: one file per method, each registered by name (see compress.registry)."""
