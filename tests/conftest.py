@@ -44,6 +44,19 @@ def _isolated_results(tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESS_RESULTS_DIR", str(tmp_path / "results"))
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny-model tests run single-threaded: their ops are too small to gain from threads, and on a busy machine
+    competing thread pools slow them down by an order of magnitude. Real-model checks keep all cores."""
+    if "real" in request.keywords:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     d = os.environ.get("COMPRESS_DATA_DIR")

@@ -19,6 +19,7 @@ class Stats(Method):
             block.collect(g, self.stats_needed())
 
 torch.manual_seed(0)
+torch.set_num_threads(1)
 layers = int(sys.argv[1])
 model = tiny_model("llama", layers=layers, hidden=128, intermediate=256, heads=4, max_pos=1024)
 ids = torch.randint(0, 256, (64, 512))
