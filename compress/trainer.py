@@ -88,6 +88,49 @@ def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-level knowledge distillation (Hinton et al. 2015, arXiv 1503.02531): T^2 * KL(p_teacher || p_student) of
+    the temperature-softened next-token distributions, averaged over (unmasked) token positions."""
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)  # [..., tokens]
+    if mask is not None:
+        kl = kl[mask]
+    return kl.mean() * t * t
+
+
+def distillation_loss(teacher: nn.Module, *, temperature: float = 2.0, kd_weight: float = 1.0,
+                      hidden_weight: float = 0.0) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """loss_fn for the Trainer: kd_weight * KD + (1 - kd_weight) * LM loss (+ hidden_weight * mean-squared error of
+    the final hidden states, the optional hidden-state matching). The teacher runs without gradients."""
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ConfigError(f"--kd-weight {kd_weight!r} is out of range; allowed: 0.0..1.0")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        ids, att = batch["input_ids"], batch.get("attention_mask")
+        want_hidden = hidden_weight > 0
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids, attention_mask=att, use_cache=False, output_hidden_states=want_hidden)
+        s_out = model(input_ids=ids, attention_mask=att, use_cache=False, output_hidden_states=want_hidden)
+        labels = batch.get("labels", ids)[:, 1:]
+        mask = labels != -100
+        s_logits, t_logits = s_out.logits[:, :-1], t_out.logits[:, :-1]
+        loss = kd_weight * kd_kl(s_logits, t_logits, temperature, mask)
+        if kd_weight < 1.0:
+            ce = F.cross_entropy(s_logits.float().reshape(-1, s_logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            loss = loss + (1.0 - kd_weight) * ce
+        if want_hidden:
+            loss = loss + hidden_weight * F.mse_loss(s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float())
+        return loss
+
+    return loss_fn
+
+
 def resolve_autocast(choice: str, device: torch.device) -> torch.dtype | None:
     if choice == "float32":
         return None

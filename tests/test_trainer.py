@@ -66,3 +66,40 @@ def test_bad_config_and_nothing_to_train():
         p.requires_grad_(False)
     with pytest.raises(ConfigError, match="nothing to train"):
         Trainer(model, _data(), _cfg(), progress=False)
+
+
+def test_kd_kl_matches_hand_computation():
+    from compress.trainer import kd_kl
+
+    s = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
+    t = torch.tensor([[[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]])
+    T = 2.0
+    total = 0.0
+    for i in range(2):
+        ps = torch.softmax(s[0, i] / T, -1)
+        pt = torch.softmax(t[0, i] / T, -1)
+        total += float((pt * (pt.log() - ps.log())).sum())
+    assert kd_kl(s, t, T).item() == pytest.approx(total / 2 * T * T, rel=1e-6)
+    assert kd_kl(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_lora_wraps_and_merges():
+    from compress.lora import LoraOptions, add_lora, merge_lora
+    from compress.models import tiny_model
+
+    model = tiny_model("llama", seed=0)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    peft_model = add_lora(model, LoraOptions(lora_r=4))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # B starts at zero: the adapted model is the original one
+        assert torch.allclose(peft_model(input_ids=ids).logits, ref, atol=1e-6)
+    Trainer(peft_model, _data(), _cfg(steps=3), progress=False).train()
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+    merged = merge_lora(peft_model)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-4)
