@@ -243,12 +243,13 @@ def fingerprint_model(src: ModelSource, model: torch.nn.Module) -> str:
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once), quantized layers counted by their logical weights."""
+    from .nf4 import is_nf4_linear
     from .qlinear import QuantLinear
 
     seen: set[int] = set()
     total = 0
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, QuantLinear) or is_nf4_linear(mod):  # packed storage: count the logical weights
             total += mod.in_features * mod.out_features + (mod.bias.numel() if mod.bias is not None else 0)
             for p in mod.parameters(recurse=False):
                 seen.add(id(p))

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from compress.arch import find_blocks
 from compress.models import count_parameters
+from compress.nf4 import is_nf4_linear, nf4_state_bytes, nf4_storage_bits
 from compress.qlinear import is_linear_like
 
 
@@ -17,10 +18,25 @@ def _dtype_bits(t: torch.Tensor) -> int:
 
 
 def storage_bits(module: nn.Module) -> int:
-    """Bits a linear layer's weight takes in storage (compressed modules say so themselves)."""
+    """Bits a linear layer's weight takes in storage (compressed modules say so themselves; bitsandbytes NF4 layers
+    are counted by compress.nf4)."""
     if hasattr(module, "storage_bits"):
         return int(module.storage_bits())
+    if is_nf4_linear(module):
+        return nf4_storage_bits(module)
     return module.weight.numel() * _dtype_bits(module.weight)
+
+
+def _adapter_modules(blocks) -> set[int]:
+    """ids of the modules inside LoRA adapters (peft's lora_A / lora_B of a wrapped linear): they are counted apart
+    from the base weights they adapt."""
+    ids: set[int] = set()
+    for b in blocks:
+        for m in b.modules():
+            if hasattr(m, "base_layer") and hasattr(m, "lora_A"):
+                for part in (m.lora_A, m.lora_B):
+                    ids.update(id(x) for x in part.modules())
+    return ids
 
 
 def model_size(model: nn.Module) -> dict[str, Any]:
@@ -28,11 +44,13 @@ def model_size(model: nn.Module) -> dict[str, Any]:
     compression methods target); bits_per_param covers every stored tensor of the model."""
     try:
         _, blocks = find_blocks(model)
-        block_mods = [m for b in blocks for m in b.modules() if is_linear_like(m)]
     except ValueError:
-        block_mods = [m for m in model.modules() if is_linear_like(m)]
+        blocks = [model]
+    adapters = _adapter_modules(blocks)
+    block_mods = [m for b in blocks for m in b.modules() if is_linear_like(m) and id(m) not in adapters]
     bits = sum(storage_bits(m) for m in block_mods)
     weights = sum(m.in_features * m.out_features for m in block_mods)
+    adapter_params = {id(p): p for b in blocks for m in b.modules() if id(m) in adapters for p in m.parameters(recurse=False)}
     seen: set[int] = set()
     mem = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -41,19 +59,27 @@ def model_size(model: nn.Module) -> dict[str, Any]:
             continue
         seen.add(key)
         mem += t.numel() * t.element_size()
+    mem += sum(nf4_state_bytes(m) for m in model.modules() if is_nf4_linear(m))
     params = count_parameters(model)
-    return {
+    out = {
         "params": params,
         "linear_weights": weights,
         "bits_per_weight": round(bits / weights, 4) if weights else None,
         "memory_bytes": mem,
         "bits_per_param_memory": round(8 * mem / params, 4) if params else None,
     }
+    if adapter_params:  # LoRA adapters kept beside their (frozen, possibly quantized) base weights
+        abits = sum(p.numel() * _dtype_bits(p) for p in adapter_params.values())
+        out["adapter_params"] = sum(p.numel() for p in adapter_params.values())
+        out["adapter_bits_per_weight"] = round(abits / weights, 4) if weights else None
+        out["bits_per_weight_with_adapters"] = round((bits + abits) / weights, 4) if weights else None
+    return out
 
 
 def checkpoint_bytes(folder: str | Path) -> int:
-    """Bytes of the weight files of a checkpoint folder (safetensors; config and tokenizer files excluded)."""
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    """Bytes of the weight files of a checkpoint folder (safetensors, adapters in subfolders included; config and
+    tokenizer files excluded)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
 
 
 def size_report(model: nn.Module, checkpoint: str | Path | None = None) -> dict[str, Any]:

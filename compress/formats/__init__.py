@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
@@ -44,6 +45,33 @@ MODULE_TYPES: dict[str, type] = {}
 LOAD_TRANSFORMS: dict[str, Callable[[nn.Module, dict], None]] = {}
 # Readers of other formats: key = quant_method (or other marker) -> loader(path, dtype) -> (model, tokenizer, info)
 FORMAT_READERS: dict[str, Callable[..., tuple[nn.Module, Any, dict]]] = {}
+# Layers of other formats held in memory (e.g. bitsandbytes 4-bit): fn(model) -> their quantization_config, or None.
+# The checkpoint then carries that config and FORMAT_KEY = its quant_method, and reads back through FORMAT_READERS.
+QUANT_CONFIG_WRITERS: list[Callable[[nn.Module], dict[str, Any] | None]] = []
+FORMAT_KEY = "compress_format"
+# Wrappers around a model saved beside its base (e.g. peft adapters): fn(model) -> SavedModel, or None if not theirs.
+MODEL_UNWRAPPERS: list[Callable[[nn.Module], "SavedModel | None"]] = []
+ADAPTER_KEY = "compress_adapter"  # config.json entry naming the adapter subfolder applied on load
+
+
+@dataclass
+class SavedModel:
+    """What to write for a wrapped model: the base (config, compressed modules), its state dict, extra config entries
+    and a writer of the extra files (called with the temporary folder and the final folder)."""
+
+    model: nn.Module
+    state: dict[str, torch.Tensor]
+    write_extra: Callable[[Path, Path], None]
+    config: dict[str, Any]
+
+
+def load_plugins() -> None:
+    """Import the sibling format modules so that they register their writers and readers."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):  # type: ignore[name-defined]
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def register_module_type(name: str) -> Callable[[type], type]:
@@ -79,7 +107,7 @@ def is_project_checkpoint(config: dict[str, Any]) -> bool:
         return True
     if any(k in config for k in LOAD_TRANSFORMS):
         return True
-    return False
+    return bool(config.get(FORMAT_KEY) or config.get(ADAPTER_KEY))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,12 +205,17 @@ def write_safetensors(state: dict[str, torch.Tensor], folder: Path, metadata: di
 def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike, *, overwrite: bool = False,
                     quant_info: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None,
                     extra_config: dict[str, Any] | None = None) -> Path:
-    """Write `model` in the native format (dense when nothing is compressed). Atomic. Returns the folder."""
+    """Write `model` in the native format (dense when nothing is compressed; a registered format's layers with its
+    quantization_config; a wrapped model as its base plus the wrapper's files). Atomic. Returns the folder."""
+    load_plugins()
+    saved = next((s for s in (unwrap(model) for unwrap in MODEL_UNWRAPPERS) if s is not None), None)
+    if saved is not None:
+        model = saved.model
     modules = compressed_modules(model)
     with AtomicFolder(output, overwrite) as tmp:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
-        config["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+        config["dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", "")
         config["use_cache"] = True
         if modules:
             config["quantization_config"] = {
@@ -191,8 +224,16 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
                 **(quant_info or {}),
                 "modules": {n: m.module_config() for n, m in modules.items()},
             }
+        else:
+            foreign = next((qc for qc in (w(model) for w in QUANT_CONFIG_WRITERS) if qc), None)
+            if foreign:
+                config["quantization_config"] = foreign
+                config[FORMAT_KEY] = foreign["quant_method"]
+        config.update(saved.config if saved is not None else {})
         config.update(extra_config or {})
-        write_safetensors(_state_for_saving(model), tmp)
+        write_safetensors(saved.state if saved is not None else _state_for_saving(model), tmp)
+        if saved is not None:
+            saved.write_extra(tmp, AtomicFolder(output).target)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -238,7 +279,8 @@ def build_empty_model(config_dict: dict[str, Any], dtype: torch.dtype) -> nn.Mod
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights
 
-    cfg_dict = {k: v for k, v in config_dict.items() if k != "quantization_config" and k not in LOAD_TRANSFORMS}
+    cfg_dict = {k: v for k, v in config_dict.items()
+                if k not in ("quantization_config", FORMAT_KEY, ADAPTER_KEY) and k not in LOAD_TRANSFORMS}
     model_type = cfg_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg_dict)
     with no_init_weights():
@@ -251,12 +293,14 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     from transformers import AutoTokenizer
 
     _register_builtin()
+    load_plugins()
     folder = Path(path)
     config = json.loads((folder / "config.json").read_text())
     qc = config.get("quantization_config") or {}
     method = qc.get("quant_method")
     if method in FORMAT_READERS and method != NATIVE_QUANT_METHOD:
-        return FORMAT_READERS[method](folder, dtype)
+        model, tok, info = FORMAT_READERS[method](folder, dtype)
+        return _attach_adapter(model, folder, config), tok, info
     saved_dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
     dtype = dtype or saved_dtype
     model = build_empty_model(config, dtype)
@@ -281,4 +325,12 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     model.eval()
     tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
     info = {"format": "native" if qc else "dense", "quantization_config": {k: v for k, v in qc.items() if k != "modules"}}
-    return model, tok, info
+    return _attach_adapter(model, folder, config), tok, info
+
+
+def _attach_adapter(model: nn.Module, folder: Path, config: dict[str, Any]) -> nn.Module:
+    if not config.get(ADAPTER_KEY):
+        return model
+    from .adapters import attach_adapter
+
+    return attach_adapter(model, folder, config)
