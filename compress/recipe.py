@@ -42,8 +42,15 @@ class RunContext:
     progress: bool = True
     model_spec: str = ""
     model_dtype: torch.dtype = torch.float32
-    teacher: Any = None  # a LoadedModel, for distillation-style stages
+    teacher: Any = None  # a LoadedModel or a model, for distillation-style stages (see teacher_model)
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def teacher_model(self) -> torch.nn.Module | None:
+        """The teacher as a model: the --teacher the runner loaded, else the frozen copy of the uncompressed model
+        that Recipe.run keeps when a stage declares needs.teacher."""
+        if self.teacher is None or isinstance(self.teacher, torch.nn.Module):
+            return self.teacher
+        return self.teacher.model
 
     def include(self, name: str) -> bool:
         return not any(re.search(p, name) for p in self.ignore)
@@ -106,6 +113,12 @@ class Recipe:
         return [{"method": s.name, "family": s.family, "config": s.config.to_dict()} for s in self.stages]
 
     def run(self, model: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:
+        if ctx.teacher is None and any(s.needs.teacher for s in self.stages):
+            # Recovery stages (KD after pruning or quantization) learn from the model the run started from.
+            import copy
+
+            log.info("keeping a frozen copy of the uncompressed model as the teacher")
+            ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         i = 0
         while i < len(self.stages):
             stage = self.stages[i]
