@@ -206,9 +206,14 @@ def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "auto", de
     if src.kind == "checkpoint":
         from .formats import load_checkpoint
 
-        model, tok, info = load_checkpoint(src.path, dtype=torch_dtype)
+        # 'auto' for a checkpoint of this project means the dtype it was written in, so that it evaluates exactly
+        # as it did at the end of the run that wrote it
+        model, tok, info = load_checkpoint(src.path, dtype=None if dtype in (None, "", "auto") else torch_dtype)
     else:
         folder = str(_convert_gguf(src)) if src.kind in ("default", "gguf") else src.path
+        if src.kind == "folder" and dtype in (None, "", "auto") and os.path.isfile(os.path.join(folder, "compress_run.json")):
+            saved = json.loads(open(os.path.join(folder, "config.json")).read()).get("dtype")  # written by this project
+            torch_dtype = DTYPES.get(saved, torch_dtype)
         try:
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
