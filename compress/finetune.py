@@ -192,6 +192,18 @@ def train_adapters(peft_model: nn.Module, ctx: Any, config: Any, train: Batch, h
     return {**result.summary(), **describe_losses(before, after)}
 
 
+def require_float_linears(model: nn.Module, method: str, advice: str) -> None:
+    """Refuse (one ConfigError) a model whose layers hold integer codes (this project's compressed modules, NF4):
+    `method` trains or re-quantizes float weights."""
+    from .formats import compressed_modules
+    from .nf4 import is_nf4_linear
+
+    quantized = list(compressed_modules(model)) + [n for n, m in model.named_modules() if is_nf4_linear(m)]
+    if quantized:
+        raise ConfigError(f"{method} needs float linear weights; the model holds quantized layers ({quantized[0]}, ...): "
+                          f"{advice}")
+
+
 def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Where the decoder blocks' linear weights are exactly zero (a pruned model's masks), per module name; modules
     without zeros are left out."""

@@ -53,10 +53,8 @@ class Distill(Method):
         import torch
 
         from compress.arch import find_blocks
-        from compress.finetune import keep_zeros_in_training, sparsity, zero_masks
-        from compress.formats import compressed_modules
+        from compress.finetune import keep_zeros_in_training, require_float_linears, sparsity, zero_masks
         from compress.layer_drop import block_influence, drop_blocks, importance_keep, uniform_keep
-        from compress.nf4 import is_nf4_linear
         from compress.trainer import Trainer, distillation_loss, lm_loss, training_data
 
         c = self.config
@@ -66,10 +64,8 @@ class Distill(Method):
         if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
             raise ConfigError(f"teacher and student vocabularies differ ({teacher.config.vocab_size} vs "
                               f"{model.config.vocab_size}); token-level KD needs the same tokenizer")
-        frozen = list(compressed_modules(model)) + [n for n, m in model.named_modules() if is_nf4_linear(m)]
-        if frozen:
-            raise ConfigError(f"distill trains the student's float weights; it holds quantized layers ({frozen[0]}, ...). "
-                              f"Run distill before quantization, or recover a quantized model with qlora")
+        require_float_linears(model, "distill", "run distill before quantization (a student's integer codes cannot "
+                                                "be trained)")
         model.to("cpu")
         _, blocks = find_blocks(model)
         n_before = len(blocks)

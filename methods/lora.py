@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 
 from compress.config import option
 from compress.errors import ConfigError
-from compress.finetune import InstructionOptions, finetune_data, reapply_zeros, sparsity, train_adapters, zero_masks
+from compress.finetune import (InstructionOptions, finetune_data, require_float_linears, reapply_zeros, sparsity, train_adapters,
+                               zero_masks)
 from compress.lora import LoraOptions, add_lora, merge_lora
 from compress.registry import Method, Needs, register
 from compress.trainer import TrainConfig
@@ -46,15 +47,10 @@ class LoraRecovery(Method):
         return f"r{c.lora_r} {c.steps} steps" + (f" kd {c.kd_weight:g}" if c.kd_weight else "")
 
     def apply(self, model, ctx):
-        from compress.formats import compressed_modules
-        from compress.nf4 import is_nf4_linear
         from compress.trainer import distillation_loss, lm_loss
 
         c = self.config
-        quantized = list(compressed_modules(model)) + [n for n, m in model.named_modules() if is_nf4_linear(m)]
-        if quantized:
-            raise ConfigError(f"lora adapts float linears; the model holds quantized layers ({quantized[0]}, ...). "
-                              f"Put lora before quantization, or use qlora (adapters on an NF4 base)")
+        require_float_linears(model, "lora", "put lora before quantization, or use qlora (adapters on an NF4 base)")
         model.to("cpu")
         masks = zero_masks(model) if c.keep_sparsity else {}
         train, held, data_desc = finetune_data(ctx, model, c)

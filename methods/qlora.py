@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from compress.config import option
 from compress.errors import ConfigError
-from compress.finetune import InstructionOptions, finetune_data, train_adapters
+from compress.finetune import InstructionOptions, finetune_data, require_float_linears, train_adapters
 from compress.lora import LoraOptions, add_lora, merge_lora
 from compress.nf4 import NF4_BLOCK_SIZES, is_nf4_linear, nf4_dequantize, quantize_model_nf4, use_reference_kernel
 from compress.registry import Method, Needs, register
@@ -55,13 +55,8 @@ class QLoRA(Method):
             (f" merge {c.merge}" if c.merge != "none" else "")
 
     def apply(self, model, ctx):
-        from compress.formats import compressed_modules
-
         c = self.config
-        quantized = list(compressed_modules(model)) + [n for n, m in model.named_modules() if is_nf4_linear(m)]
-        if quantized:
-            raise ConfigError(f"qlora quantizes float linears to NF4 itself; the model already holds quantized layers "
-                              f"({quantized[0]}, ...): put qlora before any quantization stage, or use a float model")
+        require_float_linears(model, "qlora", "qlora quantizes to NF4 itself; put it before any quantization stage")
         model.to("cpu")
         names = quantize_model_nf4(model, block_size=c.nf4_block_size, double_quant=c.double_quant,
                                    compute_dtype=ctx.model_dtype, include=ctx.include, progress=ctx.progress)

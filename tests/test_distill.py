@@ -173,7 +173,7 @@ def test_distill_refuses_quantized_student_and_mismatched_teacher(tiny_tok):
     from compress.recipe import Recipe
     from compress.registry import build_method
 
-    with pytest.raises(ConfigError, match="distill trains the student's float weights"):
+    with pytest.raises(ConfigError, match="distill needs float linear weights"):
         Recipe.from_specs([{"method": "rtn", "bits": 4, "group_size": 32}, {"method": "distill", "steps": 1}]).run(
             tiny_model("llama"), _ctx(tiny_tok))
     ctx = _ctx(tiny_tok)

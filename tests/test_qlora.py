@@ -227,7 +227,7 @@ def test_qlora_refuses_bad_input(tiny_tok, tmp_path):
     (tmp_path / "full" / "x").write_text("keep")
     with pytest.raises(CompressError, match="already holds files"):
         build_method("qlora", {"adapter_dir": str(tmp_path / "full")})
-    with pytest.raises(ConfigError, match="already holds quantized layers"):
+    with pytest.raises(ConfigError, match="qlora needs float linear weights; the model holds quantized layers"):
         Recipe.from_specs([{"method": "rtn", "bits": 4, "group_size": 32}, QUICK]).run(tiny_model("llama"), _ctx(tiny_tok))
 
 

@@ -1,0 +1,128 @@
+"""Knowledge distillation on SmolLM2-135M, measured side by side in one run (CPU, small budgets):
+
+  A. a layer-dropped student (half the blocks, evenly spread): no training / the same steps with the plain LM loss /
+     the same steps with KD (kd_weight 0.5, T 2) from the full model;
+  B. 50% unstructured pruning (methods/wanda.py when the project has it, else per-row magnitude pruning, |W| smallest
+     half of each output row), then no recovery / KD recovery (kd_weight 1) through a recipe whose teacher is the
+     unpruned start model; sparsity is checked to be unchanged by the recovery.
+
+Perplexity: WikiText-2 raw test, joined with "\\n\\n", windows of --eval-seqlen tokens, the first --eval-windows of
+them. Training windows: --train-samples windows of the WikiText-2 validation text (never the test split).
+
+    python bench/distill_recovery.py --steps 100 --recovery-steps 60
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from compress.data import get_calibration
+from compress.evals.perplexity import perplexity
+from compress.finetune import sparsity, zero_masks
+from compress.layer_drop import drop_blocks, uniform_keep
+from compress.models import load_model
+from compress.recipe import Recipe, RunContext
+from compress.registry import Method, Needs, all_methods, build_method
+
+
+class RowMagnitude(Method):
+    """50% per-output-row magnitude pruning (the bench's stand-in when no pruning method is registered)."""
+
+    name, family = "row-magnitude", "pruning"
+    needs = Needs()
+
+    def __init__(self, sparsity: float = 0.5):
+        super().__init__()
+        self.sparsity = sparsity
+
+    def apply(self, model, ctx):
+        from compress.arch import find_blocks
+
+        _, blocks = find_blocks(model)
+        with torch.no_grad():
+            for block in blocks:
+                for mod in block.modules():
+                    if type(mod) is torch.nn.Linear:
+                        k = int(mod.weight.shape[1] * self.sparsity)
+                        idx = mod.weight.abs().argsort(dim=1)[:, :k]
+                        mod.weight.scatter_(1, idx, 0.0)
+        return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--recovery-steps", type=int, default=60)
+    ap.add_argument("--student-layers", type=int, default=15)
+    ap.add_argument("--train-samples", type=int, default=256)
+    ap.add_argument("--train-seqlen", type=int, default=256)
+    ap.add_argument("--train-batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--only", choices=("all", "student", "recovery"), default="all")
+    args = ap.parse_args()
+
+    loaded = load_model("smollm2", dtype="bfloat16")
+    tok = loaded.tokenizer
+    calib = get_calibration("wikitext2", tok, nsamples=32, seqlen=256, seed=0, data_dir=args.data_dir)
+
+    def ctx():
+        return RunContext(tokenizer=tok, calibration=calib, data_dir=args.data_dir, progress=True,
+                          model_dtype=torch.bfloat16)
+
+    def ppl(model) -> float:
+        return perplexity(model, tok, "wikitext2", seqlen=args.eval_seqlen, max_windows=args.eval_windows,
+                          data_dir=args.data_dir, progress=False)["value"]
+
+    train = dict(train_samples=args.train_samples, train_seqlen=args.train_seqlen, train_batch_size=args.train_batch_size,
+                 lr=args.lr)
+    rows = []
+    t0 = time.perf_counter()
+    full = ppl(loaded.model)
+    rows.append(("full model (30 blocks)", full, ""))
+    if args.only in ("all", "student"):
+        drop = dict(student_layers=args.student_layers, layer_selection="uniform")
+        student = copy.deepcopy(loaded.model)
+        drop_blocks(student, uniform_keep(loaded.model.config.num_hidden_layers, args.student_layers))
+        rows.append((f"student {args.student_layers} blocks, no training", ppl(student), ""))
+        del student
+        for label, kd in (("LM loss only", 0.0), ("KD 0.5 + LM 0.5, T 2", 0.5)):
+            method = build_method("distill", {**drop, "steps": args.steps, "kd_weight": kd, "temperature": 2.0, **train})
+            c = ctx()
+            c.teacher = loaded.model
+            student = Recipe([method]).run(copy.deepcopy(loaded.model), c)
+            rep = method.report
+            rows.append((f"student {args.student_layers} blocks, {args.steps} steps {label}", ppl(student),
+                         f"train loss {rep['loss_first']} -> {rep['loss_last']}, {rep['seconds']} s"))
+            del student
+    if args.only in ("all", "recovery"):
+        registered = all_methods()
+        if "wanda" in registered:
+            prune, pname = build_method("wanda", {"sparsity": 0.5}), "Wanda 50%"
+        else:
+            prune, pname = RowMagnitude(0.5), "magnitude 50% per row (no pruning method in this tree)"
+        pruned = Recipe([prune]).run(copy.deepcopy(loaded.model), ctx())
+        sp = sparsity(zero_masks(pruned), pruned)
+        rows.append((f"{pname}, no recovery", ppl(pruned), f"sparsity {sp:.4f}"))
+        del pruned
+        kd = build_method("distill", {"steps": args.recovery_steps, "kd_weight": 1.0, "temperature": 2.0, **train})
+        c = ctx()  # no teacher given: the recipe keeps the unpruned start model as the teacher
+        recovered = Recipe([prune, kd]).run(copy.deepcopy(loaded.model), c)
+        sp2 = sparsity(zero_masks(recovered), recovered)
+        rep = kd.report
+        rows.append((f"{pname} + KD recovery {args.recovery_steps} steps", ppl(recovered),
+                     f"sparsity {sp2:.4f}, train loss {rep['loss_first']} -> {rep['loss_last']}, {rep['seconds']} s"))
+    print(f"\nWikiText-2 raw test perplexity, seqlen {args.eval_seqlen}, first {args.eval_windows} windows; "
+          f"training: {args.train_samples} x {args.train_seqlen} wikitext2 validation windows, batch "
+          f"{args.train_batch_size}, lr {args.lr}; bfloat16; total {time.perf_counter() - t0:.0f} s")
+    for label, value, note in rows:
+        print(f"  {label:<62} {value:10.3f}   x{value / full:6.3f} of full   {note}")
+
+
+if __name__ == "__main__":
+    main()
