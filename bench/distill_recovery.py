@@ -22,7 +22,7 @@ import torch
 from compress.data import get_calibration
 from compress.evals.perplexity import perplexity
 from compress.finetune import sparsity, zero_masks
-from compress.layer_drop import drop_blocks, uniform_keep
+from compress.layer_drop import block_influence, drop_blocks, importance_keep, uniform_keep
 from compress.models import load_model
 from compress.recipe import Recipe, RunContext
 from compress.registry import Method, Needs, all_methods, build_method
@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--train-seqlen", type=int, default=256)
     ap.add_argument("--train-batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the layer-dropped students")
+    ap.add_argument("--recovery-lr", type=float, default=1e-4, help="peak learning rate of KD recovery after pruning")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--data-dir", default=None)
@@ -81,15 +82,24 @@ def main() -> None:
 
     train = dict(train_samples=args.train_samples, train_seqlen=args.train_seqlen, train_batch_size=args.train_batch_size,
                  lr=args.lr)
-    rows = []
+    rows: list[tuple[str, float, str]] = []
+
+    def add(label: str, value: float, note: str = "") -> None:  # printed as soon as measured, the table at the end
+        rows.append((label, value, note))
+        print(f"measured: {label}: {value:.3f} {note}", flush=True)
+
     t0 = time.perf_counter()
     full = ppl(loaded.model)
-    rows.append(("full model (30 blocks)", full, ""))
+    add("full model (30 blocks)", full)
     if args.only in ("all", "student"):
         drop = dict(student_layers=args.student_layers, layer_selection="uniform")
         student = copy.deepcopy(loaded.model)
         drop_blocks(student, uniform_keep(loaded.model.config.num_hidden_layers, args.student_layers))
-        rows.append((f"student {args.student_layers} blocks, no training", ppl(student), ""))
+        add(f"student {args.student_layers} blocks, no training", ppl(student), "uniform: evenly spread blocks")
+        del student
+        scores = block_influence(loaded.model, calib.input_ids, batch_size=8)
+        student = drop_blocks(copy.deepcopy(loaded.model), importance_keep(scores, args.student_layers))
+        add(f"student {args.student_layers} blocks by Block Influence, no training", ppl(student), "(for comparison)")
         del student
         for label, kd in (("LM loss only", 0.0), ("KD 0.5 + LM 0.5, T 2", 0.5)):
             method = build_method("distill", {**drop, "steps": args.steps, "kd_weight": kd, "temperature": 2.0, **train})
@@ -97,8 +107,8 @@ def main() -> None:
             c.teacher = loaded.model
             student = Recipe([method]).run(copy.deepcopy(loaded.model), c)
             rep = method.report
-            rows.append((f"student {args.student_layers} blocks, {args.steps} steps {label}", ppl(student),
-                         f"train loss {rep['loss_first']} -> {rep['loss_last']}, {rep['seconds']} s"))
+            add(f"student {args.student_layers} blocks, {args.steps} steps {label}", ppl(student),
+                f"train loss {rep['loss_first']} -> {rep['loss_last']}, {rep['seconds']} s")
             del student
     if args.only in ("all", "recovery"):
         registered = all_methods()
@@ -108,18 +118,19 @@ def main() -> None:
             prune, pname = RowMagnitude(0.5), "magnitude 50% per row (no pruning method in this tree)"
         pruned = Recipe([prune]).run(copy.deepcopy(loaded.model), ctx())
         sp = sparsity(zero_masks(pruned), pruned)
-        rows.append((f"{pname}, no recovery", ppl(pruned), f"sparsity {sp:.4f}"))
+        add(f"{pname}, no recovery", ppl(pruned), f"sparsity {sp:.4f}")
         del pruned
-        kd = build_method("distill", {"steps": args.recovery_steps, "kd_weight": 1.0, "temperature": 2.0, **train})
+        kd = build_method("distill", {"steps": args.recovery_steps, "kd_weight": 1.0, "temperature": 2.0,
+                                      **{**train, "lr": args.recovery_lr}})
         c = ctx()  # no teacher given: the recipe keeps the unpruned start model as the teacher
         recovered = Recipe([prune, kd]).run(copy.deepcopy(loaded.model), c)
         sp2 = sparsity(zero_masks(recovered), recovered)
         rep = kd.report
-        rows.append((f"{pname} + KD recovery {args.recovery_steps} steps", ppl(recovered),
-                     f"sparsity {sp2:.4f}, train loss {rep['loss_first']} -> {rep['loss_last']}, {rep['seconds']} s"))
+        add(f"{pname} + KD recovery {args.recovery_steps} steps", ppl(recovered),
+            f"sparsity {sp2:.4f}, train loss {rep['loss_first']} -> {rep['loss_last']}, {rep['seconds']} s")
     print(f"\nWikiText-2 raw test perplexity, seqlen {args.eval_seqlen}, first {args.eval_windows} windows; "
           f"training: {args.train_samples} x {args.train_seqlen} wikitext2 validation windows, batch "
-          f"{args.train_batch_size}, lr {args.lr}; bfloat16; total {time.perf_counter() - t0:.0f} s")
+          f"{args.train_batch_size}, lr {args.lr} (recovery {args.recovery_lr}); bfloat16; total {time.perf_counter() - t0:.0f} s")
     for label, value, note in rows:
         print(f"  {label:<62} {value:10.3f}   x{value / full:6.3f} of full   {note}")
 

@@ -273,6 +273,9 @@ def print_summary(record: dict[str, Any], console) -> None:
     size = record.get("size", {})
     sb = record.get("size_before", {})
     t.add_row("bits per weight (block linears)", str(sb.get("bits_per_weight", "-")), str(size.get("bits_per_weight", "-")), "codes+scales+zeros+indices")
+    if "bits_per_weight_with_adapters" in size:  # LoRA adapters kept beside a (quantized) base
+        t.add_row("bits per weight incl. adapters", "", str(size["bits_per_weight_with_adapters"]),
+                  f"{size['adapter_params']:,} adapter parameters")
     t.add_row("parameters", f"{sb.get('params', '-'):,}" if sb else "-", f"{size.get('params', 0):,}", "")
     t.add_row("bytes in memory", _fmt_bytes(sb.get("memory_bytes")), _fmt_bytes(size.get("memory_bytes")), "")
     if "checkpoint_bytes" in size:

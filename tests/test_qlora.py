@@ -243,6 +243,7 @@ def test_cli_finetune_qlora_then_eval_same_perplexity(tiny_model_dir, tmp_path):
                                     "--train-samples", "8", "--train-seqlen", "64", "--heldout", "2", "--calib", "pydoc",
                                     "--nsamples", "2", "--seqlen", "64", "--output", str(out), *common], catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    assert "bits per weight incl. adapters" in res.output
     rec = read_records()[-1]
     assert rec["method"] == "qlora" and rec["family"] == "training-aware"
     assert 4.12 < rec["size"]["bits_per_weight"] < 4.2 and rec["size"]["adapter_params"] > 0
