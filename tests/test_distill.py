@@ -151,7 +151,7 @@ def test_kd_recovery_learns_from_the_start_model_and_keeps_sparsity(tiny_tok):
     assert math.isfinite(heldout_loss(model, ids))
 
 
-def test_lora_recovery_after_pruning_keeps_sparsity(tiny_tok):
+def test_lora_recovery_after_pruning_keeps_sparsity(tiny_tok, tmp_path):
     from compress.finetune import sparsity, zero_masks
     from compress.models import tiny_model
     from compress.recipe import Recipe
@@ -164,6 +164,17 @@ def test_lora_recovery_after_pruning_keeps_sparsity(tiny_tok):
     assert rep["heldout_loss_after"] < rep["heldout_loss_before"]
     assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in model.named_parameters())
     assert sparsity(zero_masks(model), model) == pytest.approx(0.5)
+    # --no-merge-adapters: the checkpoint holds the base plus the peft adapter, and reloads to the same numbers
+    from compress.formats import load_checkpoint, save_checkpoint
+
+    keep = build_method("lora", {"steps": 2, "train_samples": 8, "train_seqlen": 64, "lr": 1e-2, "heldout": 2,
+                                 "lora_r": 4, "merge_adapters": False})
+    wrapped = Recipe([keep]).run(tiny_model("llama", seed=0), _ctx(tiny_tok))
+    out = save_checkpoint(wrapped, tiny_tok, tmp_path / "unmerged")
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(out)[0](input_ids=ids).logits, wrapped(input_ids=ids).logits)
     # kd_weight > 0 makes the stage ask for the teacher
     assert build_method("lora", {"kd_weight": 0.5}).needs.teacher and not lora.needs.teacher
 

@@ -233,7 +233,7 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
         config.update(extra_config or {})
         write_safetensors(saved.state if saved is not None else _state_for_saving(model), tmp)
         if saved is not None:
-            saved.write_extra(tmp, AtomicFolder(output).target)
+            saved.write_extra(tmp, Path(output).expanduser().absolute())
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         gen = getattr(model, "generation_config", None)
         if gen is not None:

@@ -9,7 +9,7 @@ whatever format the base needs (native, bitsandbytes 4-bit, dense), plus the ada
 """
 from __future__ import annotations
 
-import re
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ def base_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     state = _state_for_saving(base)
     out = {}
     for k, v in state.items():
-        if re.search(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.", k) or ".lora_" in k:
+        if ".lora_" in k:  # lora_A, lora_B, lora_embedding_*, lora_magnitude_vector: the adapter's own tensors
             continue
         out[k.replace(".base_layer.", ".")] = v
     return out
@@ -48,8 +48,6 @@ def write_adapter(peft_model: nn.Module, folder: Path, final: Path) -> None:
     target = folder / ADAPTER_DIR
     peft_model.save_pretrained(str(target), safe_serialization=True)
     cfg_path = target / "adapter_config.json"
-    import json
-
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(final)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
