@@ -21,6 +21,9 @@ def pytest_configure(config):
     # Tests and CI read the data kit from ../shared/data unless COMPRESS_DATA_DIR says otherwise.
     if not os.environ.get("COMPRESS_DATA_DIR") and DEFAULT_DATA.is_dir():
         os.environ["COMPRESS_DATA_DIR"] = str(DEFAULT_DATA)
+    elif os.environ.get("COMPRESS_DATA_DIR"):
+        # A relative path (the README's ../shared/data) must survive tests that change directory.
+        os.environ["COMPRESS_DATA_DIR"] = os.path.abspath(os.environ["COMPRESS_DATA_DIR"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
