@@ -44,6 +44,9 @@ MODULE_TYPES: dict[str, type] = {}
 LOAD_TRANSFORMS: dict[str, Callable[[nn.Module, dict], None]] = {}
 # Readers of other formats: key = quant_method (or other marker) -> loader(path, dtype) -> (model, tokenizer, info)
 FORMAT_READERS: dict[str, Callable[..., tuple[nn.Module, Any, dict]]] = {}
+# Extra entries of the native `quantization_config`: key -> function(compressed modules by name) -> value or None
+# (e.g. the sparse format's `sparsity_config`).
+CONFIG_SECTIONS: dict[str, Callable[[dict[str, nn.Module]], Any]] = {}
 
 
 def register_module_type(name: str) -> Callable[[type], type]:
@@ -57,6 +60,9 @@ def register_module_type(name: str) -> Callable[[type], type]:
 
 def _register_builtin() -> None:
     from ..qlinear import QuantLinear
+    from .exporters import _load_format_modules
+
+    _load_format_modules()  # sibling format modules register their module types (e.g. sparse_linear) on import
 
     if "quant_linear" not in MODULE_TYPES:
         QuantLinear.module_type = "quant_linear"
@@ -191,6 +197,10 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
                 **(quant_info or {}),
                 "modules": {n: m.module_config() for n, m in modules.items()},
             }
+            for key, section in CONFIG_SECTIONS.items():
+                value = section(modules)
+                if value is not None:
+                    config["quantization_config"][key] = value
         config.update(extra_config or {})
         write_safetensors(_state_for_saving(model), tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
