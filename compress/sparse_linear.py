@@ -1,4 +1,5 @@
-"""SparseLinear: a pruned linear layer whose weight is stored as a bitmask plus the kept values.
+"""SparseLinear: a pruned linear layer whose weight is stored as a bitmask plus the kept values (and
+SparseQuantLinear: the same for a pruned, then quantized layer: bitmask plus the codes of the kept weights).
 
 In memory the layer is an ordinary nn.Linear holding its dense weight with exact zeros (CPUs and most GPUs have no
 kernel that makes unstructured sparsity faster; a plain matmul is the fastest forward). What it stores - its state
@@ -20,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .qlinear import QuantLinear
+from .quant_grid import QuantSpec, pack_bits, packed_words, unpack_bits
 from .sparsity import UNSTRUCTURED
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -125,6 +128,85 @@ class SparseLinear(nn.Linear):
         return super().extra_repr() + f", {self.structure}, sparsity={self.sparsity:.3f}"
 
 
+class SparseQuantLinear(QuantLinear):
+    """A pruned, then quantized linear (SparseGPT's joint 50% + 4-bit, Wanda then GPTQ): a QuantLinear in memory whose
+    stored form leaves out the codes of its zero weights (code == zero point, exactly 0 on the grid):
+      weight_bitmask     uint8 [out, ceil(in/8)]        bit set <=> the code differs from its group's zero point
+      weight_compressed  int32 [ceil(nnz/32) * bits]    those codes, row-major, bit-packed as weight_packed is
+    plus weight_scale, weight_zero_point and weight_g_idx as for QuantLinear. Reloading restores every code."""
+
+    module_type = "sparse_quant_linear"
+
+    def __init__(self, *args, structure: str = UNSTRUCTURED, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.structure = structure
+
+    @classmethod
+    def from_quantized(cls, qw, bias=None, dtype=torch.float32, *, structure: str = UNSTRUCTURED) -> "SparseQuantLinear":
+        mod = super().from_quantized(qw, bias, dtype)
+        mod.structure = structure
+        return mod
+
+    def keep_mask(self) -> torch.Tensor:
+        """bool [out, in]: the codes stored (those not at their group's zero point)."""
+        qw = self.quantized_weight()
+        return qw.codes != qw.zeros[:, qw.g_idx.long()]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.keep_mask().sum())
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / (self.in_features * self.out_features)
+
+    def storage_bits(self) -> int:
+        dense_codes = self.weight_packed.numel() * 32
+        return super().storage_bits() - dense_codes + self.out_features * math.ceil(self.in_features / 8) * 8 \
+            + packed_words(self.nnz, self.spec.bits) * 32
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "weight_packed")
+        keep = self.keep_mask()
+        codes = unpack_bits(self.weight_packed, self.spec.bits, self.in_features)
+        destination[prefix + "weight_bitmask"] = pack_bitmask(keep)
+        destination[prefix + "weight_compressed"] = pack_bits(codes[keep], self.spec.bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        bitmask = state_dict.pop(prefix + "weight_bitmask", None)
+        packed = state_dict.pop(prefix + "weight_compressed", None)
+        if bitmask is not None and packed is not None:
+            dev = self.weight_packed.device
+            keep = unpack_bitmask(bitmask.to(dev), self.in_features)
+            n = int(keep.sum())
+            if packed.numel() != packed_words(n, self.spec.bits):
+                error_msgs.append(f"{prefix}weight: bitmask marks {n} codes but {packed.numel()} words are stored")
+                return
+            # zero points first (their own key), then every code not stored is its group's zero point
+            zkey = prefix + "weight_zero_point"
+            if zkey in state_dict:
+                zeros = unpack_bits(state_dict[zkey].to(dev), self.spec.bits, self.out_features).t()
+            else:
+                zeros = torch.full((self.out_features, self.weight_scale.shape[1]), (self.spec.maxq + 1) // 2, dtype=torch.uint8, device=dev)
+            gkey = prefix + "weight_g_idx"
+            g_idx = state_dict[gkey].to(dev) if gkey in state_dict else self.spec.g_idx(self.in_features, device=dev)
+            codes = zeros[:, g_idx.long()].clone()
+            codes[keep] = unpack_bits(packed.to(dev), self.spec.bits, n)
+            state_dict[prefix + "weight_packed"] = pack_bits(codes, self.spec.bits)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def module_config(self) -> dict:
+        return {**self.quant_config(), "type": self.module_type, "nnz": self.nnz, "sparsity": round(self.sparsity, 6),
+                "structure": self.structure}
+
+    @classmethod
+    def from_module_config(cls, cfg: dict, dtype: torch.dtype) -> "SparseQuantLinear":
+        spec = QuantSpec(cfg["bits"], cfg["group_size"], cfg["sym"])
+        return cls(cfg["in_features"], cfg["out_features"], spec, bias=cfg.get("bias", False),
+                   has_g_idx=cfg.get("act_order", False), dtype=dtype, structure=cfg.get("structure", UNSTRUCTURED))
+
+
 def sparse_keep_mask(module: nn.Module) -> torch.Tensor | None:
-    """The keep mask of a layer stored sparse (SparseLinear), else None."""
-    return module.keep_mask() if isinstance(module, SparseLinear) else None
+    """The keep mask of a layer stored sparse (SparseLinear, SparseQuantLinear), else None."""
+    return module.keep_mask() if isinstance(module, (SparseLinear, SparseQuantLinear)) else None

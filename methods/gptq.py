@@ -15,7 +15,7 @@ from compress.obs import gptq_quantize
 from compress.qlinear import QuantLinear, linear_weight
 from compress.quant_grid import WeightQuantConfig
 from compress.registry import Method, Needs, register
-from compress.sparse_linear import sparse_keep_mask
+from compress.sparse_linear import SparseQuantLinear, sparse_keep_mask
 
 
 @dataclass
@@ -54,6 +54,8 @@ class GPTQ(Method):
         qw, info = gptq_quantize(weight, stats.hessian, c.spec(), block_size=c.block_size, percdamp=c.damp,
                                  act_order=c.act_order, static_groups=c.static_groups, mask=mask, name=name)
         self.report.setdefault("layers", {})[name] = {"loss": round(info.loss, 6), "damp": info.percdamp, "dead_columns": info.dead_columns}
-        if mask is not None:
+        if mask is not None:  # stored sparse: the codes of the pruned weights are left out
             self.report["layers"][name]["sparsity"] = round(1 - mask.float().mean().item(), 6)
+            return SparseQuantLinear.from_quantized(qw, getattr(linear, "bias", None), dtype=weight.dtype,
+                                                    structure=getattr(linear, "structure", "unstructured"))
         return QuantLinear.from_quantized(qw, getattr(linear, "bias", None), dtype=weight.dtype)

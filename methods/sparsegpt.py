@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from compress.config import option
 from compress.errors import ConfigError
 from compress.obs import PruneRule, sparsegpt_prune
-from compress.qlinear import QuantLinear, linear_weight
+from compress.qlinear import linear_weight
 from compress.quant_grid import WeightQuantConfig
 from compress.registry import Needs, register
+from compress.sparse_linear import SparseQuantLinear
 from compress.sparsity import PruneConfig, PruningMethod
 
 
@@ -53,5 +54,6 @@ class SparseGPT(PruningMethod):
         facts = {"loss": round(res.info.loss, 6), "damp": res.info.percdamp}
         if res.quantized is not None:
             self.record_layer(name, res.keep, **facts)
-            return QuantLinear.from_quantized(res.quantized, getattr(linear, "bias", None), dtype=weight.dtype)
+            return SparseQuantLinear.from_quantized(res.quantized, getattr(linear, "bias", None), dtype=weight.dtype,
+                                                    structure=c.structure)
         return self.sparse_layer(name, linear, res.weight.to(weight.dtype), res.keep, **facts)

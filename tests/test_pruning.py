@@ -27,6 +27,16 @@ def _tiny(seed=0):
     return tiny_model("llama", seed=seed, hidden=64, intermediate=128, layers=2)
 
 
+def _assert_reloads(model, tok, tmp_path, ids):
+    from compress.formats import load_checkpoint, save_checkpoint
+
+    with torch.no_grad():
+        ref = model(input_ids=ids[:2]).logits
+    loaded, _, _ = load_checkpoint(save_checkpoint(model, tok, tmp_path / "c"))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids[:2]).logits, ref)
+
+
 def _sparse_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
@@ -167,17 +177,12 @@ def test_sparsegpt_joint_quantization_on_grid():
 
 
 def test_sparsegpt_joint_in_model_reloads(ids, tmp_path, tiny_tok):
-    from compress.formats import load_checkpoint, save_checkpoint
     from compress.qlinear import QuantLinear
 
     model, _ = _run(_tiny(), [{"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 32}], ids)
     qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(qls) == 14 and all(float((m.weight == 0).float().mean()) >= 0.5 for m in qls)
-    with torch.no_grad():
-        ref = model(input_ids=ids[:2]).logits
-    loaded, _, _ = load_checkpoint(save_checkpoint(model, tiny_tok, tmp_path / "c"))
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids[:2]).logits, ref)
+    _assert_reloads(model, tiny_tok, tmp_path, ids)
 
 
 # ---- GPTQ with a fixed mask (prune, then quantize) ----------------------------------------------------------------
@@ -198,7 +203,6 @@ def test_gptq_fixed_mask_keeps_zeros_and_beats_rtn_of_pruned():
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_wanda_then_gptq_recipe_keeps_mask(act_order, ids, tmp_path, tiny_tok):
-    from compress.formats import load_checkpoint, save_checkpoint
     from compress.qlinear import QuantLinear
 
     wanda_only, _ = _run(_tiny(), [{"method": "wanda", "pattern": "2:4"}], ids)
@@ -213,11 +217,7 @@ def test_wanda_then_gptq_recipe_keeps_mask(act_order, ids, tmp_path, tiny_tok):
         assert recipe.report()["gptq"]["layers"][name]["sparsity"] == pytest.approx(0.5)
         if name in block0:  # block 0 sees the same inputs in both runs: the very same mask
             assert torch.all(q.weight[~block0[name]] == 0), name
-    with torch.no_grad():
-        ref = model(input_ids=ids[:2]).logits
-    loaded, _, _ = load_checkpoint(save_checkpoint(model, tiny_tok, tmp_path / "c"))
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids[:2]).logits, ref)
+    _assert_reloads(model, tiny_tok, tmp_path, ids)
 
 
 def test_gptq_mask_zeros_option():

@@ -133,3 +133,40 @@ def test_cli_prune_record_checkpoint_and_eval(tiny_model_dir, tmp_path):
                                     "--output", str(tmp_path / "bad"), *quick])
     assert res.exit_code == 2 and "--sparsity 0.5 conflicts with --pattern 3:4" in res.output
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("stages", [
+    [{"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 32}],
+    [{"method": "wanda", "pattern": "2:4"}, {"method": "gptq", "bits": 3, "group_size": -1, "sym": True, "act_order": True}],
+])
+def test_pruned_then_quantized_checkpoint_leaves_out_zero_codes(stages, tmp_path, tiny_tok):
+    """Codes at their group's zero point (the pruned weights) are not stored; every code comes back on reload."""
+    from compress.models import tiny_model
+    from compress.qlinear import QuantLinear
+    from compress.sparse_linear import SparseQuantLinear
+
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    calib = Calibration(ids, TextSource("test", "random", "-", "-"), 0)
+    spec = {k: v for k, v in stages[-1].items() if k in ("bits", "group_size", "sym")}
+    run = lambda st: Recipe.from_specs(st).run(tiny_model("llama", seed=4, hidden=64, intermediate=128, layers=2),  # noqa: E731
+                                                RunContext(calibration=calib, progress=False))
+    model = run(stages)
+    plain = run([{"method": "gptq", **spec}])  # the same grid without pruning
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseQuantLinear)}
+    assert len(layers) == 14 and all(m.sparsity >= 0.5 for m in layers.values())
+    # half the codes or more left out, one mask bit added (scales and zero points unchanged)
+    assert model_size(model)["bits_per_weight"] <= model_size(plain)["bits_per_weight"] - 0.5 * spec["bits"] + 1 + 0.05
+    out = save_checkpoint(model, tiny_tok, tmp_path / "sq")
+    plain_out = save_checkpoint(plain, tiny_tok, tmp_path / "q")
+    assert checkpoint_bytes(out) < checkpoint_bytes(plain_out)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]["global_sparsity"] >= 0.5
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any(k.endswith("weight_packed") for k in f.keys())
+    loaded, _, _ = load_checkpoint(out)
+    for n, m in layers.items():
+        again = loaded.get_submodule(n)
+        assert isinstance(again, SparseQuantLinear) and isinstance(again, QuantLinear)
+        assert torch.equal(again.weight_packed, m.weight_packed), n
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -6,7 +6,10 @@ In the native checkpoint (compress.formats) every SparseLinear is listed in `qua
 `<layer>.weight_bitmask` (uint8 [out, ceil(in/8)]) and `<layer>.weight_compressed` (the kept values, row-major), in
 place of `<layer>.weight`; `quantization_config.sparsity_config` summarises them in compressed-tensors' terms
 (`format: sparse-bitmask`, `global_sparsity`, `sparsity_structure`, `targets`). Reloading rebuilds bit-identical
-dense weights. `--export dense` writes the plain float folder (zeros included) that any tool loads.
+dense weights. A pruned, then quantized linear (SparseGPT with --bits, Wanda then GPTQ) is a `sparse_quant_linear`:
+the native quantized tensors, except that `<layer>.weight_packed` gives way to `weight_bitmask` plus
+`weight_compressed` (the packed codes that differ from their group's zero point). `--export dense` writes the plain
+float folder (zeros included) that any tool loads.
 """
 from __future__ import annotations
 
@@ -14,17 +17,18 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..sparse_linear import SparseLinear
+from ..sparse_linear import SparseLinear, SparseQuantLinear
 from . import CONFIG_SECTIONS, register_module_type
 
 SPARSE_FORMAT = "sparse-bitmask"
 
 register_module_type(SparseLinear.module_type)(SparseLinear)
+register_module_type(SparseQuantLinear.module_type)(SparseQuantLinear)
 
 
 def sparsity_config(modules: dict[str, nn.Module]) -> dict[str, Any] | None:
     """The `sparsity_config` entry of a checkpoint holding sparse linears (None when it holds none)."""
-    sparse = {n: m for n, m in modules.items() if isinstance(m, SparseLinear)}
+    sparse = {n: m for n, m in modules.items() if isinstance(m, (SparseLinear, SparseQuantLinear))}
     if not sparse:
         return None
     total = sum(m.in_features * m.out_features for m in sparse.values())
