@@ -48,7 +48,28 @@ def stored_mask(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().contiguous().view(_INT_OF_SIZE[weight.element_size()]) != 0
 
 
-class SparseLinear(nn.Linear):
+class _SparseStored:
+    """What both sparse layer types share: counts from their keep mask, and the bitmask's size."""
+
+    in_features: int
+    out_features: int
+
+    def keep_mask(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nnz(self) -> int:
+        return int(self.keep_mask().sum())
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / (self.in_features * self.out_features)
+
+    def bitmask_bits(self) -> int:
+        return self.out_features * math.ceil(self.in_features / 8) * 8
+
+
+class SparseLinear(_SparseStored, nn.Linear):
     is_compress_linear = True
     module_type = "sparse_linear"
 
@@ -81,17 +102,9 @@ class SparseLinear(nn.Linear):
         """bool [out, in]: the weights stored (all but the +0.0 ones)."""
         return stored_mask(self.weight)
 
-    @property
-    def nnz(self) -> int:
-        return int(self.keep_mask().sum())
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.nnz / (self.in_features * self.out_features)
-
     def storage_bits(self) -> int:
         """Bits this layer's weight occupies in storage: the bitmask and the stored values (bias excluded)."""
-        return self.out_features * math.ceil(self.in_features / 8) * 8 + self.nnz * self.weight.element_size() * 8
+        return self.bitmask_bits() + self.nnz * self.weight.element_size() * 8
 
     # ---- what is stored: bitmask + values instead of the dense weight -------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -128,7 +141,7 @@ class SparseLinear(nn.Linear):
         return super().extra_repr() + f", {self.structure}, sparsity={self.sparsity:.3f}"
 
 
-class SparseQuantLinear(QuantLinear):
+class SparseQuantLinear(_SparseStored, QuantLinear):
     """A pruned, then quantized linear (SparseGPT's joint 50% + 4-bit, Wanda then GPTQ): a QuantLinear in memory whose
     stored form leaves out the codes of its zero weights (code == zero point, exactly 0 on the grid):
       weight_bitmask     uint8 [out, ceil(in/8)]        bit set <=> the code differs from its group's zero point
@@ -152,18 +165,9 @@ class SparseQuantLinear(QuantLinear):
         qw = self.quantized_weight()
         return qw.codes != qw.zeros[:, qw.g_idx.long()]
 
-    @property
-    def nnz(self) -> int:
-        return int(self.keep_mask().sum())
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.nnz / (self.in_features * self.out_features)
-
     def storage_bits(self) -> int:
         dense_codes = self.weight_packed.numel() * 32
-        return super().storage_bits() - dense_codes + self.out_features * math.ceil(self.in_features / 8) * 8 \
-            + packed_words(self.nnz, self.spec.bits) * 32
+        return super().storage_bits() - dense_codes + self.bitmask_bits() + packed_words(self.nnz, self.spec.bits) * 32
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
