@@ -27,11 +27,15 @@ log = logging.getLogger("compress")
 
 @dataclass
 class OWLConfig(PruneConfig):
-    outlier_m: float = option(5.0, "M: a Wanda score is an outlier when it exceeds M times its layer's mean score", range=(1.0, None))
-    lam: float = option(0.08, "lambda: the layer sparsities stay within target ± lambda (their mean is the target)", range=(0.0, 0.5))
+    outlier_m: float = option(5.0, "M: a Wanda score is an outlier when it exceeds M times its layer's mean score",
+                              range=(1.0, None))
+    lam: float = option(0.08, "lambda: the layer sparsities stay within target ± lambda (their mean is the target)",
+                        range=(0.0, 0.5))
     base: str = option("wanda", "pruner applied to each layer at its sparsity", choices=("wanda", "sparsegpt"))
-    damp: float = option(0.01, "with --base sparsegpt: dampening, fraction of the mean Hessian diagonal added to it", range=(0.0, 10.0))
-    block_size: int = option(128, "with --base sparsegpt: columns per lazy-update and mask-selection block", range=(1, None))
+    damp: float = option(0.01, "SparseGPT's dampening, fraction of the mean Hessian diagonal added to it (owl: with "
+                               "--base sparsegpt)", range=(0.0, 10.0))
+    block_size: int = option(128, "SparseGPT's columns per lazy-update and mask-selection block (owl: with --base "
+                                  "sparsegpt)", range=(1, None))
 
     def check(self) -> None:
         super().check()
