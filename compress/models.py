@@ -247,15 +247,16 @@ def fingerprint_model(src: ModelSource, model: torch.nn.Module) -> str:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once), quantized layers counted by their logical weights."""
+    """Distinct parameters (tied embeddings counted once), compressed layers (quantized, sparse, NF4...) counted by
+    their logical weights."""
     from .nf4 import is_nf4_linear
-    from .qlinear import QuantLinear
 
     seen: set[int] = set()
     total = 0
     for mod in model.modules():
-        if isinstance(mod, QuantLinear) or is_nf4_linear(mod):  # packed storage: count the logical weights
-            total += mod.in_features * mod.out_features + (mod.bias.numel() if mod.bias is not None else 0)
+        if (getattr(mod, "is_compress_linear", False) and hasattr(mod, "in_features")) or is_nf4_linear(mod):
+            bias = getattr(mod, "bias", None)
+            total += mod.in_features * mod.out_features + (bias.numel() if bias is not None else 0)
             for p in mod.parameters(recurse=False):
                 seen.add(id(p))
     for p in model.parameters():

@@ -3,6 +3,12 @@
 GPTQ (Frantar et al. 2022, arXiv 2210.17323, Algorithm 1): process input columns left to right; quantize column j,
 spread its error over the columns not yet quantized through row j of the upper Cholesky factor of H^-1
 (delta = -(w_j - q_j) / [H^-1]_jj * [H^-1]_j,j:), lazily in blocks of `block_size` columns.
+
+SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774, Algorithm 1) is the same sweep where the "rounding" of a column
+sets its pruned weights to zero (and, jointly, quantizes the kept ones): the mask is chosen adaptively, at the start
+of every block of `block_size` columns (unstructured: the smallest w_c^2 / [H^-1]_cc^2 of the block) or of every M
+columns (N:M: the M-N smallest per row), from the weights as already updated by the error feedback. A fixed mask
+(GPTQ after Wanda) is the same sweep with the mask given up front, so that error feedback never refills pruned weights.
 """
 from __future__ import annotations
 
@@ -21,19 +27,74 @@ class SweepInfo:
     dead_columns: int
 
 
+@dataclass(frozen=True)
+class PruneRule:
+    """SparseGPT's adaptive mask selection: remove `sparsity` of each block of columns, or keep N of every M inputs."""
+
+    sparsity: float = 0.5
+    nm: tuple[int, int] | None = None  # (N kept, M) along the input dimension
+
+
+@dataclass
+class SweepResult:
+    weight: torch.Tensor  # W_hat [out, in] float32, natural column order (pruned weights exactly 0)
+    keep: torch.Tensor | None  # bool [out, in]: weights kept (None: no mask involved)
+    quantized: QuantizedWeight | None  # integer codes on the grid (None: no quantization)
+    info: SweepInfo
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  name: str = "") -> tuple[QuantizedWeight, SweepInfo]:
-    """Quantize W [out, in] with GPTQ given H [in, in]. Returns integer codes on the grid and sweep facts."""
+                  mask: torch.Tensor | None = None, name: str = "") -> tuple[QuantizedWeight, SweepInfo]:
+    """Quantize W [out, in] with GPTQ given H [in, in]. Returns integer codes on the grid and sweep facts.
+    `mask` (bool [out, in], True = kept) fixes a sparsity pattern: masked weights get the zero point's code (exactly
+    0) and error feedback never refills them (SparseGPT's sweep with a given mask, arXiv 2301.00774 Sec. 3)."""
+    res = obs_sweep(weight, hessian, spec, block_size=block_size, percdamp=percdamp, act_order=act_order,
+                    static_groups=static_groups, keep=mask, name=name)
+    return res.quantized, res.info
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, rule: PruneRule, spec: QuantSpec | None = None, *,
+                    block_size: int = 128, percdamp: float = 0.01, name: str = "") -> SweepResult:
+    """SparseGPT (arXiv 2301.00774, Algorithm 1): prune W [out, in] (and quantize the kept weights with `spec`)."""
+    return obs_sweep(weight, hessian, spec, block_size=block_size, percdamp=percdamp, prune=rule, name=name)
+
+
+def _prune_block(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep mask of a block: remove the int(numel * sparsity) smallest scores of the whole block (SparseGPT's
+    unstructured selection compares every row and column of the block together)."""
+    k = int(scores.numel() * sparsity)
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        keep[torch.topk(scores.flatten(), k, largest=False, sorted=False).indices] = False
+    return keep.view_as(scores)
+
+
+def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | None, *, block_size: int = 128,
+              percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+              keep: torch.Tensor | None = None, prune: PruneRule | None = None, name: str = "") -> SweepResult:
+    """The one column sweep: quantize (spec) and/or prune (keep: fixed mask; prune: SparseGPT's adaptive mask)."""
+    from .sparsity import nm_keep_mask
+
+    if prune is not None and act_order:
+        raise ValueError("SparseGPT's mask selection runs in natural column order; act-order does not apply")
     W = weight.detach().float().clone()
     out_f, in_f = W.shape
     H, dead = prepare_hessian(hessian.to(W.device), W)
-    gs = in_f if spec.group_size == -1 else spec.group_size
-    n_groups = spec.groups(in_f)
+    if keep is not None:
+        keep = keep.to(W.device, torch.bool).clone()
+        W[~keep] = 0
+    elif prune is not None:
+        keep = torch.ones_like(W, dtype=torch.bool)
+    nm = prune.nm if prune is not None else None
+    if nm is not None and block_size % nm[1]:
+        raise ValueError(f"block size {block_size} must be a multiple of M={nm[1]} for N:M selection")
+    gs = in_f if (spec is None or spec.group_size == -1) else spec.group_size
+    n_groups = spec.groups(in_f) if spec is not None else 1
     scales = torch.zeros(out_f, n_groups, device=W.device)
     zeros = torch.zeros(out_f, n_groups, device=W.device)
 
-    if static_groups or not act_order:
+    if spec is not None and (static_groups or not act_order):
         # group grids fixed in natural column order (static: from the original weights, up front)
         if static_groups:
             for g in range(n_groups):
@@ -42,6 +103,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
+        keep = keep[:, perm] if keep is not None else None
     inv = inverse_cholesky(H, percdamp, dead=dead, name=name)
     Hinv = inv.upper
     del H
@@ -57,21 +119,35 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        if prune is not None and nm is None:
+            # SparseGPT Alg. 1: mask of this block's columns from the OBS error w_c^2 / [H^-1]_cc^2 of the updated weights
+            keep[:, i1:i2] = _prune_block(W1**2 / torch.diag(Hinv1).unsqueeze(0) ** 2, prune.sparsity)
         for i in range(i2 - i1):
             col = i1 + i
             w = W1[:, i]
             d = Hinv1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                # SparseGPT N:M: per row, keep the N of the next M columns with the largest w^2 / [H^-1]_cc^2
+                j = min(i + nm[1], i2 - i1)
+                keep[:, col:i1 + j] = nm_keep_mask(W1[:, i:j] ** 2 / torch.diag(Hinv1)[i:j].unsqueeze(0) ** 2, *nm)
             if static_groups:
                 g = int(col_group[col])
                 s_cur, z_cur = scales[:, g], zeros[:, g]
-            elif col % gs == 0:
+            elif spec is not None and col % gs == 0:
                 # a new group starts here (in sweep order): its grid from the current, error-updated weights
                 cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                if keep is not None:  # weights already known to be pruned count as the zeros they will be
+                    cur = cur * keep[:, col:col + cur.shape[1]]
                 s_cur, z_cur = find_params(cur, spec)
                 g = col // gs
                 scales[:, g], zeros[:, g] = s_cur, z_cur
-            q = torch.clamp(torch.round(w / s_cur) + z_cur, 0, spec.maxq)
-            wq = s_cur * (q - z_cur)
+            if spec is None:  # pruning only: the column keeps or zeroes each weight
+                q = wq = w * keep[:, col]
+            else:
+                q = torch.clamp(torch.round(w / s_cur) + z_cur, 0, spec.maxq)
+                if keep is not None:  # a pruned weight takes the zero point's code: exactly 0 on the grid
+                    q = torch.where(keep[:, col], q, z_cur)
+                wq = s_cur * (q - z_cur)
             Q1[:, i] = q
             err = (w - wq) / d
             losses += (w - wq) ** 2 / d**2 / 2
@@ -83,9 +159,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     if perm is not None:
         invperm = torch.argsort(perm)
         Q = Q[:, invperm]
+        keep = keep[:, invperm] if keep is not None else None
         # groups were formed along the sweep order (unless static): column perm[j] belongs to group j // gs
         g_idx = col_group[invperm] if static_groups else (torch.arange(in_f, device=W.device) // gs)[invperm]
     else:
         g_idx = natural_group
+    info = SweepInfo(float(losses.sum()), inv.percdamp, int(dead.sum()))
+    if spec is None:
+        return SweepResult(Q, keep, None, info)
     qw = QuantizedWeight(Q.to(torch.uint8), scales.to(SCALE_DTYPE), zeros.to(torch.uint8), g_idx.to(torch.int32), spec)
-    return qw, SweepInfo(float(losses.sum()), inv.percdamp, int(dead.sum()))
+    return SweepResult(qw.dequantize(), keep, qw, info)

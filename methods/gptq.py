@@ -3,6 +3,8 @@
 Per linear layer: H = 2 X^T X from the engine's hooks, dampened by `damp` x mean(diag H), the upper Cholesky factor
 of H^-1, then the column sweep of compress.obs.gptq_quantize (lazy batches of `block_size` columns). Options:
 act-order (desc_act: columns by decreasing H_jj), static groups, true-sequential order inside a block.
+A layer already pruned (stored sparse, e.g. by Wanda in the same recipe) keeps its mask: error feedback never refills
+pruned weights (SparseGPT's fixed-mask sweep, arXiv 2301.00774); --mask-zeros does the same for exact zeros of any weight.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from compress.obs import gptq_quantize
 from compress.qlinear import QuantLinear, linear_weight
 from compress.quant_grid import WeightQuantConfig
 from compress.registry import Method, Needs, register
+from compress.sparse_linear import SparseQuantLinear, sparse_keep_mask
 
 
 @dataclass
@@ -23,6 +26,8 @@ class GPTQConfig(WeightQuantConfig):
     static_groups: bool = option(False, "with --act-order: group grids fixed from the original weights in natural order")
     true_sequential: bool = option(False, "inside each block quantize q/k/v, then o, then gate/up, then down, each seeing "
                                           "the already-quantized outputs before it (one more calibration pass per group)")
+    mask_zeros: bool = option(False, "keep exact-zero weights at zero (a fixed sparsity mask, e.g. a pruned model loaded "
+                                     "from a dense export); automatic for layers stored sparse")
 
 
 @register("gptq", family="quantization", summary="GPTQ/OPTQ: second-order one-shot weight quantization with error feedback",
@@ -43,7 +48,14 @@ class GPTQ(Method):
     def compress_linear(self, name, linear, stats):
         c = self.config
         weight = linear_weight(linear)
+        mask = sparse_keep_mask(linear)
+        if mask is None and c.mask_zeros:
+            mask = weight != 0
         qw, info = gptq_quantize(weight, stats.hessian, c.spec(), block_size=c.block_size, percdamp=c.damp,
-                                 act_order=c.act_order, static_groups=c.static_groups, name=name)
+                                 act_order=c.act_order, static_groups=c.static_groups, mask=mask, name=name)
         self.report.setdefault("layers", {})[name] = {"loss": round(info.loss, 6), "damp": info.percdamp, "dead_columns": info.dead_columns}
+        if mask is not None:  # stored sparse: the codes of the pruned weights are left out
+            self.report["layers"][name]["sparsity"] = round(1 - mask.float().mean().item(), 6)
+            return SparseQuantLinear.from_quantized(qw, getattr(linear, "bias", None), dtype=weight.dtype,
+                                                    structure=getattr(linear, "structure", "unstructured"))
         return QuantLinear.from_quantized(qw, getattr(linear, "bias", None), dtype=weight.dtype)

@@ -45,6 +45,9 @@ MODULE_TYPES: dict[str, type] = {}
 LOAD_TRANSFORMS: dict[str, Callable[[nn.Module, dict], None]] = {}
 # Readers of other formats: key = quant_method (or other marker) -> loader(path, dtype) -> (model, tokenizer, info)
 FORMAT_READERS: dict[str, Callable[..., tuple[nn.Module, Any, dict]]] = {}
+# Extra entries of the native `quantization_config`: key -> function(compressed modules by name) -> value or None
+# (e.g. the sparse format's `sparsity_config`).
+CONFIG_SECTIONS: dict[str, Callable[[dict[str, nn.Module]], Any]] = {}
 # Layers of other formats held in memory (e.g. bitsandbytes 4-bit): fn(model) -> their quantization_config, or None.
 # The checkpoint then carries that config and FORMAT_KEY = its quant_method, and reads back through FORMAT_READERS.
 QUANT_CONFIG_WRITERS: list[Callable[[nn.Module], dict[str, Any] | None]] = []
@@ -85,6 +88,9 @@ def register_module_type(name: str) -> Callable[[type], type]:
 
 def _register_builtin() -> None:
     from ..qlinear import QuantLinear
+    from .exporters import _load_format_modules
+
+    _load_format_modules()  # sibling format modules register their module types (e.g. sparse_linear) on import
 
     if "quant_linear" not in MODULE_TYPES:
         QuantLinear.module_type = "quant_linear"
@@ -224,6 +230,10 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
                 **(quant_info or {}),
                 "modules": {n: m.module_config() for n, m in modules.items()},
             }
+            for key, section in CONFIG_SECTIONS.items():
+                value = section(modules)
+                if value is not None:
+                    config["quantization_config"][key] = value
         else:
             foreign = next((qc for qc in (w(model) for w in QUANT_CONFIG_WRITERS) if qc), None)
             if foreign:
