@@ -79,7 +79,10 @@ def is_project_checkpoint(config: dict[str, Any]) -> bool:
         return True
     if any(k in config for k in LOAD_TRANSFORMS):
         return True
-    return False
+    from .exporters import _load_format_modules
+
+    _load_format_modules()  # formats register their readers on import
+    return qc.get("quant_method") in FORMAT_READERS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,7 +253,10 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     """Rebuild a model written by this project (native format or a registered one). Returns (model, tokenizer, info)."""
     from transformers import AutoTokenizer
 
+    from .exporters import _load_format_modules
+
     _register_builtin()
+    _load_format_modules()
     folder = Path(path)
     config = json.loads((folder / "config.json").read_text())
     qc = config.get("quantization_config") or {}
