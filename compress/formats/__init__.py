@@ -177,34 +177,44 @@ def write_safetensors(state: dict[str, torch.Tensor], folder: Path, metadata: di
     return names
 
 
+def write_model_folder(folder: Path, model: nn.Module, tokenizer: Any, state: dict[str, torch.Tensor],
+                       quantization_config: dict[str, Any] | None, extra_config: dict[str, Any] | None = None) -> None:
+    """Fill a (temporary) folder the way save_pretrained would: `state` as safetensors, config.json (the model's,
+    with this quantization_config), the generation config and the tokenizer. Shared by every format writer."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    config["use_cache"] = True
+    if quantization_config:
+        config["quantization_config"] = quantization_config
+    config.update(extra_config or {})
+    write_safetensors(state, folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(folder)
+        except Exception:  # noqa: BLE001 - a generation config is a courtesy, never a reason to fail
+            pass
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike, *, overwrite: bool = False,
                     quant_info: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None,
                     extra_config: dict[str, Any] | None = None) -> Path:
     """Write `model` in the native format (dense when nothing is compressed). Atomic. Returns the folder."""
     modules = compressed_modules(model)
     with AtomicFolder(output, overwrite) as tmp:
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        config["use_cache"] = True
+        qc = None
         if modules:
-            config["quantization_config"] = {
+            qc = {
                 "quant_method": NATIVE_QUANT_METHOD,
                 "format": "native",
                 **(quant_info or {}),
                 "modules": {n: m.module_config() for n, m in modules.items()},
             }
-        config.update(extra_config or {})
-        write_safetensors(_state_for_saving(model), tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:  # noqa: BLE001 - a generation config is a courtesy, never a reason to fail
-                pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_model_folder(tmp, model, tokenizer, _state_for_saving(model), qc, extra_config)
         if provenance:
             (tmp / "compress_run.json").write_text(json.dumps(provenance, indent=2, default=str))
     return Path(output)
@@ -251,8 +261,6 @@ def build_empty_model(config_dict: dict[str, Any], dtype: torch.dtype) -> nn.Mod
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, dict]:
     """Rebuild a model written by this project (native format or a registered one). Returns (model, tokenizer, info)."""
-    from transformers import AutoTokenizer
-
     from .exporters import _load_format_modules
 
     _register_builtin()
@@ -277,14 +285,23 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     state = read_safetensors(folder)
     # load_state_dict copies into the freshly built tensors: float weights take the requested compute dtype while
     # integer codes and float16 scales keep their own dtypes.
+    tok = load_remaining(model, state, folder, config)
+    info = {"format": "native" if qc else "dense", "quantization_config": {k: v for k, v in qc.items() if k != "modules"}}
+    return model, tok, info
+
+
+def load_remaining(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, config: dict[str, Any],
+                   already_loaded: set[str] = frozenset()) -> Any:
+    """Load `state` into a rebuilt model (modules named in already_loaded were filled by a format reader), check that
+    nothing is missing or left over, re-tie embeddings, and return the folder's tokenizer (or None)."""
+    from transformers import AutoTokenizer
+
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
-    missing = [m for m in missing if m not in tied]
+    missing = [m for m in missing if m not in tied and m.rsplit(".", 1)[0] not in already_loaded]
     if missing or unexpected:
         raise ModelError(f"checkpoint {str(folder)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:
         model.tie_weights()
     model.eval()
-    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-    info = {"format": "native" if qc else "dense", "quantization_config": {k: v for k, v in qc.items() if k != "modules"}}
-    return model, tok, info
+    return AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None

@@ -27,33 +27,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import CompressError
-from ..qlinear import OWQLinear, QuantLinear, is_linear_like
-from . import AtomicFolder, _state_for_saving, compressed_modules, write_safetensors
+from ..qlinear import is_linear_like
+from . import AtomicFolder, _state_for_saving, compressed_modules, write_model_folder
 from .exporters import register_exporter
+from .gptq import quantized_linears
 
 log = logging.getLogger("compress")
 
 
-def _quantized(model: nn.Module) -> tuple[dict[str, QuantLinear], Any]:
-    mods = compressed_modules(model)
-    bad = [n for n, m in mods.items() if not isinstance(m, QuantLinear) or isinstance(m, OWQLinear)]
-    if bad:
-        raise CompressError(f"--export compressed-tensors: {bad[0]} is a {type(mods[bad[0]]).__name__}; the "
-                            "pack-quantized format holds plain integer weight quantization only (OWQ's float16 columns "
-                            "stay in the native checkpoint)")
-    if not mods:
-        raise CompressError("--export compressed-tensors: the model has no quantized linear layers")
-    specs = {m.spec for m in mods.values()}
-    if len(specs) > 1:
-        raise CompressError(f"--export compressed-tensors: the layers use different grids "
-                            f"({', '.join(s.label() for s in specs)}); one config group needs one")
-    return mods, specs.pop()
-
-
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the model's quantized linears cannot be written as pack-quantized (None if they can)."""
-    mods, spec = _quantized(model)
+    mods, spec, _ = quantized_linears(model, "compressed-tensors", every_block_linear=False)
     if not spec.sym:
         return ("the grid is asymmetric: transformers (with compressed-tensors 0.20) cannot load asymmetric "
                 "pack-quantized checkpoints, it builds unpacked zero points where the format stores packed ones; "
@@ -109,7 +93,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, target: Path, ov
                 and not overwrite:
             return gptq_target  # written a moment ago by --export gptq in the same run
         return EXPORTERS["gptq"](model, tokenizer, gptq_target, overwrite)
-    mods, spec = _quantized(model)
+    mods, spec, _ = quantized_linears(model, "compressed-tensors", every_block_linear=False)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_linear_like(m)]
     if "lm_head" not in ignore and getattr(model, "lm_head", None) is not None:
         ignore.append("lm_head")
@@ -124,18 +108,5 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, target: Path, ov
         state[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features], dtype=torch.int64)
     qc = ct_config(spec, sorted(ignore))
     with AtomicFolder(target, overwrite) as tmp:
-        config = model.config.to_dict()
-        config["quantization_config"] = qc
-        config["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        config["use_cache"] = True
-        write_safetensors(state, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:  # noqa: BLE001 - a generation config is a courtesy, never a reason to fail
-                pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_model_folder(tmp, model, tokenizer, state, qc)
     return Path(target)

@@ -32,16 +32,17 @@ import torch.nn as nn
 from ..errors import CompressError, ModelError
 from ..qlinear import OWQLinear, QuantLinear, is_linear_like
 from ..quant_grid import QuantizedWeight, QuantSpec, pack_bits, unpack_bits
-from . import (FORMAT_READERS, AtomicFolder, _state_for_saving, build_empty_model, compressed_modules, read_safetensors,
-               set_module, write_safetensors)
+from . import (FORMAT_READERS, AtomicFolder, _state_for_saving, build_empty_model, compressed_modules, load_remaining,
+               read_safetensors, set_module, write_model_folder)
 from .exporters import register_exporter
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def quantized_linears(model: nn.Module, fmt: str) -> tuple[dict[str, QuantLinear], QuantSpec, bool]:
-    """The model's quantized linears if `fmt` can hold them: every linear of the decoder blocks a QuantLinear of one
-    grid. Returns (modules by name, their spec, whether any uses an act-order group index)."""
+def quantized_linears(model: nn.Module, fmt: str, *, every_block_linear: bool = True
+                      ) -> tuple[dict[str, QuantLinear], QuantSpec, bool]:
+    """The model's quantized linears if `fmt` can hold them: QuantLinears of one grid (and, with every_block_linear,
+    every linear of the decoder blocks). Returns (modules by name, their spec, whether any uses an act-order index)."""
     from ..arch import find_blocks
 
     mods = compressed_modules(model)
@@ -56,7 +57,7 @@ def quantized_linears(model: nn.Module, fmt: str) -> tuple[dict[str, QuantLinear
     if not mods:
         raise CompressError(f"--export {fmt}: the model has no quantized linear layers")
     prefix, blocks = find_blocks(model)
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(blocks if every_block_linear else []):
         for n, m in block.named_modules():
             if n and is_linear_like(m) and not isinstance(m, QuantLinear):
                 raise CompressError(f"--export {fmt}: {prefix}.{i}.{n} is not quantized; the {fmt} format quantizes "
@@ -121,28 +122,13 @@ def export_gptq(model: nn.Module, tokenizer: Any, target: Path, overwrite: bool)
             state[f"{name}.{suffix}"] = tensor.to("cpu")
     qc = gptq_config(spec, act_order)
     with AtomicFolder(target, overwrite) as tmp:
-        config = model.config.to_dict()
-        config["quantization_config"] = qc
-        config["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        config["use_cache"] = True
-        write_safetensors(state, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        write_model_folder(tmp, model, tokenizer, state, qc)
         (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:  # noqa: BLE001 - a generation config is a courtesy, never a reason to fail
-                pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
     return Path(target)
 
 
 def read_gptq(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, dict]:
     """Rebuild a GPTQ-format folder (v1 "gptq" or "gptq_v2") as the project's QuantLinear modules."""
-    from transformers import AutoTokenizer
-
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     qc = config.get("quantization_config") or {}
@@ -174,17 +160,7 @@ def read_gptq(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.
         qw = QuantizedWeight(codes, scales.to(torch.float16), zeros.t().to(torch.uint8).contiguous(), g_idx, spec)
         bias = state.pop(f"{name}.bias", None)
         set_module(model, name, QuantLinear.from_quantized(qw, bias, dtype=dtype))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    qnames = set(names)
-    missing = [m for m in missing if m.rsplit(".", 1)[0] not in qnames]
-    tied = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
-    missing = [m for m in missing if m not in tied]
-    if missing or unexpected:
-        raise ModelError(f"checkpoint {str(folder)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    tok = load_remaining(model, state, folder, config, already_loaded=set(names))
     info = {"format": "gptq", "quantization_config": qc}
     return model, tok, info
 
