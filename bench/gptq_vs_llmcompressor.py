@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval", default="wikitext2", help="wikitext2 (raw) or wikitext2-v1 (tokenized)")
     ap.add_argument("--eval-windows", default="all", help="windows of 2048 tokens to use, or all")
+    ap.add_argument("--also", action="append", default=[], metavar="JSON",
+                    help='another compress GPTQ setting to run beside the default, e.g. \'{"act_order": false}\'; repeatable')
     ap.add_argument("--venv", default=None, help="peer venv folder (default: $COMPRESS_CACHE_DIR/venvs/llmcompressor-0.14)")
     args = ap.parse_args()
     groups = [int(g) for g in args.groups.split(",")]
@@ -91,15 +93,19 @@ def main() -> None:
         print(f"full precision: {fp['value']:.3f}", flush=True)
         for g in groups:
             label = f"w{args.bits} {'per-channel' if g == -1 else f'g{g}'}{' sym' if args.sym else ''}"
-            # this project
-            model = copy.deepcopy(lm.model)
-            recipe = Recipe.from_specs([{"method": "gptq", "bits": args.bits, "group_size": g, "sym": args.sym}])
-            t0 = time.perf_counter()
-            model = recipe.run(model, RunContext(calibration=calib, progress=False))
-            ours_s = time.perf_counter() - t0
-            ours_ppl = perplexity(model, lm.tokenizer, args.eval, **ev)["value"]
-            del model
-            print(f"{label}  compress GPTQ:       ppl {ours_ppl:.3f}  {ours_s:.0f} s", flush=True)
+            # this project: its defaults, then any --also variants
+            for extra in [{}] + [json.loads(a) for a in args.also]:
+                model = copy.deepcopy(lm.model)
+                stage = {"method": "gptq", "bits": args.bits, "group_size": g, "sym": args.sym, **extra}
+                t0 = time.perf_counter()
+                model = Recipe.from_specs([stage]).run(model, RunContext(calibration=calib, progress=False))
+                secs = time.perf_counter() - t0
+                ppl = perplexity(model, lm.tokenizer, args.eval, **ev)["value"]
+                del model
+                name = "compress GPTQ" + (f" {json.dumps(extra)}" if extra else "")
+                print(f"{label}  {name}: ppl {ppl:.3f}  {secs:.0f} s", flush=True)
+                if not extra:
+                    ours_ppl, ours_s = ppl, secs
             # the peer, in its own venv, on the same samples
             job = {"model_dir": str(tmp / "model"), "calib": str(tmp / "calib.safetensors"), "bits": args.bits,
                    "group_size": g, "sym": args.sym, "out": str(tmp / f"peer-{g}.safetensors")}

@@ -140,7 +140,9 @@ class GPTQSweepConfig(WeightQuantConfig):
     damp: float = option(0.01, "dampening: fraction of the mean Hessian diagonal added to it", range=(0.0, 10.0))
     block_size: int = option(128, "lazy-batch block size: columns whose updates are applied together", range=(1, None))
     act_order: bool = option(True, "quantize columns in order of decreasing Hessian diagonal (desc_act)")
-    static_groups: bool = option(True, "with --act-order: group grids fixed up front from the original weights in natural "
-                                       "order, so no group index is stored (llm-compressor's actorder 'static'/'weight')")
+    static_groups: bool = option(True, "group grids fixed up front from the original weights in natural order (with "
+                                       "--act-order no group index is stored: llm-compressor's actorder 'static'); "
+                                       "--no-static-groups: each group's grid from the error-updated weights as the "
+                                       "sweep reaches it (with --act-order: groups in sweep order plus a group index)")
     true_sequential: bool = option(False, "inside each block quantize q/k/v, then o, then gate/up, then down, each seeing "
                                           "the already-quantized outputs before it (one more calibration pass per group)")
