@@ -1,5 +1,5 @@
 """The real-client check of the GPTQ export: GPTQModel (the maintained successor of AutoGPTQ) loads our checkpoint on
-CPU and computes the same logits, for symmetric grids (4-bit, and 3-bit with an act-order group index). GPTQModel
+CPU and computes the same logits, for symmetric grids (natural groups, and an act-order group index). GPTQModel
 refuses every asymmetric v1 ("gptq") checkpoint that it did not write itself (a provenance guard against AutoGPTQ's
 old zero-point bug: it checks quantization_config.meta.quantizer), so asymmetric exports are not loadable by it
 whatever their layout. Skipped where gptqmodel is not importable; it lives in its own environment:
@@ -20,7 +20,7 @@ gptqmodel = pytest.importorskip("gptqmodel")
 
 
 @pytest.mark.parametrize("opts", [{"bits": 4, "group_size": 32, "sym": True},
-                                  {"bits": 3, "group_size": 32, "sym": True, "act_order": True, "static_groups": False}])
+                                  {"bits": 4, "group_size": 32, "sym": True, "act_order": True, "static_groups": False}])
 def test_gptqmodel_loads_our_gptq_checkpoint(opts, tmp_path, tiny_tok):
     from compress.formats.exporters import export
     from compress.models import tiny_model
