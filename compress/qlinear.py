@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .formats import register_module_type
 from .quant_grid import SCALE_DTYPE, QuantizedWeight, QuantSpec, dequantize_codes, pack_bits, packed_words, unpack_bits
 
 
@@ -25,6 +26,7 @@ class QuantLinear(nn.Module):
                  has_g_idx: bool = False, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.code_features = in_features  # input columns that have codes (OWQLinear keeps some in float instead)
         self.compute_dtype = dtype
         n_groups = spec.groups(in_features)
         self.register_buffer("weight_packed", torch.zeros(out_features, packed_words(in_features, spec.bits), dtype=torch.int32, device=device))
@@ -60,12 +62,12 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         spec = self.spec
         n_groups = self.weight_scale.shape[1]
-        codes = unpack_bits(self.weight_packed, spec.bits, self.in_features)
+        codes = unpack_bits(self.weight_packed, spec.bits, self.code_features)
         if spec.sym:
             zeros = torch.full((self.out_features, n_groups), (spec.maxq + 1) // 2, dtype=torch.uint8, device=codes.device)
         else:
             zeros = unpack_bits(self.weight_zero_point, spec.bits, self.out_features).t()
-        g_idx = self.weight_g_idx if self.weight_g_idx is not None else spec.g_idx(self.in_features, device=codes.device)
+        g_idx = self.weight_g_idx if self.weight_g_idx is not None else spec.g_idx(self.code_features, device=codes.device)
         return QuantizedWeight(codes, self.weight_scale, zeros, g_idx, spec)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -99,6 +101,79 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.spec.label()}, g_idx={self.weight_g_idx is not None}"
+
+
+@register_module_type("owq_linear")
+class OWQLinear(QuantLinear):
+    """OWQ's mixed-precision linear (Lee et al. 2023, arXiv 2306.02272): k "weak" input columns kept in float16, the
+    other in_features - k columns quantized exactly as a QuantLinear over those columns (natural order, their own
+    groups). Buffers, in addition to QuantLinear's (which describe the [out, in - k] quantized part):
+      weak_idx     int32 [k]          sorted input columns kept in 16 bits
+      weak_weight  float16 [out, k]   their values (after GPTQ's error feedback from the quantized columns)
+    The full weight is W[:, rest] = dequant(codes), W[:, weak_idx] = weak_weight, rest = the other columns in order.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, n_weak: int, *, bias: bool = False,
+                 has_g_idx: bool = False, dtype: torch.dtype = torch.float32, device=None):
+        if not 0 <= n_weak < in_features:
+            raise ValueError(f"OWQLinear: {n_weak} weak columns out of {in_features} input columns")
+        super().__init__(in_features - n_weak, out_features, spec, bias=bias, has_g_idx=has_g_idx, dtype=dtype, device=device)
+        self.in_features = in_features  # logical width; code_features = in_features - n_weak
+        self.register_buffer("weak_idx", torch.arange(n_weak, dtype=torch.int32, device=device))
+        self.register_buffer("weak_weight", torch.zeros(out_features, n_weak, dtype=torch.float16, device=device))
+
+    @property
+    def n_weak(self) -> int:
+        return self.weak_idx.numel()
+
+    @classmethod
+    def from_parts(cls, qw: QuantizedWeight, weak_idx: torch.Tensor, weak_weight: torch.Tensor,
+                   bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "OWQLinear":
+        """qw: the codes of the non-weak columns [out, in - k]; weak_weight [out, k] for the sorted weak_idx."""
+        out_f, n_q = qw.codes.shape
+        k = weak_idx.numel()
+        mod = cls(n_q + k, out_f, qw.spec, k, bias=bias is not None, has_g_idx=not qw.natural_order, dtype=dtype,
+                  device=qw.codes.device)
+        inner = QuantLinear.from_quantized(qw, bias, dtype=dtype)
+        mod.load_state_dict({**inner.state_dict(), "weak_idx": weak_idx.to(torch.int32),
+                             "weak_weight": _to_float16(weak_weight)}, strict=True)
+        return mod
+
+    def quant_columns(self) -> torch.Tensor:
+        """Indices of the quantized input columns, in order."""
+        mask = torch.ones(self.in_features, dtype=torch.bool, device=self.weak_idx.device)
+        mask[self.weak_idx.long()] = False
+        return torch.nonzero(mask).flatten()
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        part = super().dequantize_weight(torch.float32)
+        w = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=part.device)
+        w[:, self.quant_columns()] = part
+        w[:, self.weak_idx.long()] = self.weak_weight.float()
+        return w.to(dtype or self.compute_dtype)
+
+    def storage_bits(self) -> int:
+        return super().storage_bits() + self.weak_weight.numel() * 16 + self.weak_idx.numel() * 32
+
+    def quant_config(self) -> dict:
+        return {**super().quant_config(), "in_features": self.in_features, "n_weak": self.n_weak}
+
+    def module_config(self) -> dict:
+        return {"type": "owq_linear", **self.quant_config()}
+
+    @classmethod
+    def from_module_config(cls, cfg: dict, dtype: torch.dtype) -> "OWQLinear":
+        spec = QuantSpec(cfg["bits"], cfg["group_size"], cfg["sym"])
+        return cls(cfg["in_features"], cfg["out_features"], spec, cfg["n_weak"], bias=cfg.get("bias", False),
+                   has_g_idx=cfg.get("act_order", False), dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", weak={self.n_weak} fp16 columns"
+
+
+def _to_float16(w: torch.Tensor) -> torch.Tensor:
+    fmax = torch.finfo(torch.float16).max
+    return w.detach().float().clamp(-fmax, fmax).to(torch.float16)
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -11,21 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.config import option
-from compress.obs import gptq_quantize
+from compress.obs import GPTQSweepConfig, gptq_quantize
 from compress.qlinear import QuantLinear, linear_weight
-from compress.quant_grid import WeightQuantConfig
 from compress.registry import Method, Needs, register
 from compress.sparse_linear import SparseQuantLinear, sparse_keep_mask
 
 
 @dataclass
-class GPTQConfig(WeightQuantConfig):
-    damp: float = option(0.01, "dampening: fraction of the mean Hessian diagonal added to it", range=(0.0, 10.0))
-    block_size: int = option(128, "lazy-batch block size: columns whose updates are applied together", range=(1, None))
-    act_order: bool = option(False, "quantize columns in order of decreasing Hessian diagonal (desc_act)")
-    static_groups: bool = option(False, "with --act-order: group grids fixed from the original weights in natural order")
-    true_sequential: bool = option(False, "inside each block quantize q/k/v, then o, then gate/up, then down, each seeing "
-                                          "the already-quantized outputs before it (one more calibration pass per group)")
+class GPTQConfig(GPTQSweepConfig):
     mask_zeros: bool = option(False, "keep exact-zero weights at zero (a fixed sparsity mask, e.g. a pruned model loaded "
                                      "from a dense export); automatic for layers stored sparse")
 

@@ -88,9 +88,7 @@ def register_module_type(name: str) -> Callable[[type], type]:
 
 def _register_builtin() -> None:
     from ..qlinear import QuantLinear
-    from .exporters import _load_format_modules
-
-    _load_format_modules()  # sibling format modules register their module types (e.g. sparse_linear) on import
+    load_plugins()  # sibling format modules register their module types (e.g. sparse_linear) on import
 
     if "quant_linear" not in MODULE_TYPES:
         QuantLinear.module_type = "quant_linear"
@@ -113,7 +111,8 @@ def is_project_checkpoint(config: dict[str, Any]) -> bool:
         return True
     if any(k in config for k in LOAD_TRANSFORMS):
         return True
-    return bool(config.get(FORMAT_KEY) or config.get(ADAPTER_KEY))
+    load_plugins()  # formats register their readers on import
+    return bool(config.get(FORMAT_KEY) or config.get(ADAPTER_KEY) or qc.get("quant_method") in FORMAT_READERS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,6 +207,29 @@ def write_safetensors(state: dict[str, torch.Tensor], folder: Path, metadata: di
     return names
 
 
+def write_model_folder(folder: Path, model: nn.Module, tokenizer: Any, state: dict[str, torch.Tensor],
+                       quantization_config: dict[str, Any] | None, extra_config: dict[str, Any] | None = None) -> None:
+    """Fill a (temporary) folder the way save_pretrained would: `state` as safetensors, config.json (the model's,
+    with this quantization_config), the generation config and the tokenizer. Shared by every format writer."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", "")
+    config["use_cache"] = True
+    if quantization_config:
+        config["quantization_config"] = quantization_config
+    config.update(extra_config or {})
+    write_safetensors(state, folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(folder)
+        except Exception:  # noqa: BLE001 - a generation config is a courtesy, never a reason to fail
+            pass
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike, *, overwrite: bool = False,
                     quant_info: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None,
                     extra_config: dict[str, Any] | None = None) -> Path:
@@ -219,12 +241,9 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
         model = saved.model
     modules = compressed_modules(model)
     with AtomicFolder(output, overwrite) as tmp:
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", "")
-        config["use_cache"] = True
+        qc = None
         if modules:
-            config["quantization_config"] = {
+            qc = {
                 "quant_method": NATIVE_QUANT_METHOD,
                 "format": "native",
                 **(quant_info or {}),
@@ -233,26 +252,17 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
             for key, section in CONFIG_SECTIONS.items():
                 value = section(modules)
                 if value is not None:
-                    config["quantization_config"][key] = value
-        else:
-            foreign = next((qc for qc in (w(model) for w in QUANT_CONFIG_WRITERS) if qc), None)
-            if foreign:
-                config["quantization_config"] = foreign
-                config[FORMAT_KEY] = foreign["quant_method"]
-        config.update(saved.config if saved is not None else {})
-        config.update(extra_config or {})
-        write_safetensors(saved.state if saved is not None else _state_for_saving(model), tmp)
+                    qc[key] = value
+        extra = dict(saved.config if saved is not None else {})
+        if not modules:
+            qc = next((c for c in (w(model) for w in QUANT_CONFIG_WRITERS) if c), None)
+            if qc:
+                extra[FORMAT_KEY] = qc["quant_method"]
+        extra.update(extra_config or {})
+        write_model_folder(tmp, model, tokenizer, saved.state if saved is not None else _state_for_saving(model), qc,
+                           extra)
         if saved is not None:
             saved.write_extra(tmp, Path(output).expanduser().absolute())
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:  # noqa: BLE001 - a generation config is a courtesy, never a reason to fail
-                pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         if provenance:
             (tmp / "compress_run.json").write_text(json.dumps(provenance, indent=2, default=str))
     return Path(output)
@@ -300,8 +310,6 @@ def build_empty_model(config_dict: dict[str, Any], dtype: torch.dtype) -> nn.Mod
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, dict]:
     """Rebuild a model written by this project (native format or a registered one). Returns (model, tokenizer, info)."""
-    from transformers import AutoTokenizer
-
     _register_builtin()
     load_plugins()
     folder = Path(path)
@@ -325,9 +333,20 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     state = read_safetensors(folder)
     # load_state_dict copies into the freshly built tensors: float weights take the requested compute dtype while
     # integer codes and float16 scales keep their own dtypes.
+    tok = load_remaining(model, state, folder, config)
+    info = {"format": "native" if qc else "dense", "quantization_config": {k: v for k, v in qc.items() if k != "modules"}}
+    return model, tok, info
+
+
+def load_remaining(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, config: dict[str, Any],
+                   already_loaded: set[str] = frozenset()) -> Any:
+    """Load `state` into a rebuilt model (modules named in already_loaded were filled by a format reader), check that
+    nothing is missing or left over, re-tie embeddings, and return the folder's tokenizer (or None)."""
+    from transformers import AutoTokenizer
+
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
-    missing = [m for m in missing if m not in tied]
+    missing = [m for m in missing if m not in tied and m.rsplit(".", 1)[0] not in already_loaded]
     if missing or unexpected:
         raise ModelError(f"checkpoint {str(folder)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:

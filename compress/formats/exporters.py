@@ -22,14 +22,9 @@ def register_exporter(name: str):
 
 
 def _load_format_modules() -> None:
-    import importlib
-    import pkgutil
+    from . import load_plugins
 
-    import compress.formats as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in ("exporters",):
-            importlib.import_module(f"compress.formats.{info.name}")
+    load_plugins()
 
 
 def known_formats() -> list[str]:

@@ -1,0 +1,47 @@
+"""Runs llm-compressor's GPTQ in its own virtual environment (never imports `compress`); driven by
+bench/gptq_vs_llmcompressor.py. Arguments: JSON {model_dir, calib (safetensors with "ids" [N, L]), bits, group_size
+(-1: per channel), sym, out (safetensors written with the quantized Linear weights, as floats)}.
+Prints one JSON line: {"seconds": wall time of oneshot(), "versions": {...}}."""
+import json
+import sys
+import time
+
+import torch
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    import compressed_tensors
+    import llmcompressor
+    import transformers
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(args["model_dir"])
+    ids = load_file(args["calib"])["ids"]
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    g = int(args["group_size"])
+    weights = QuantizationArgs(num_bits=int(args["bits"]), type="int", symmetric=bool(args["sym"]),
+                               strategy="channel" if g == -1 else "group", group_size=None if g == -1 else g)
+    recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                          ignore=["lm_head"])  # its defaults: block_size 128, dampening_frac 0.01, actorder static
+    t0 = time.perf_counter()
+    oneshot(model=model, processor=tok, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - t0
+    out = {name + ".weight": mod.weight.detach().to("cpu").contiguous()
+           for name, mod in model.named_modules()
+           if isinstance(mod, torch.nn.Linear) and name != "lm_head"}
+    save_file(out, args["out"])
+    print(json.dumps({"seconds": round(seconds, 2), "versions": {
+        "llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
+        "transformers": transformers.__version__, "torch": torch.__version__}}))
+
+
+if __name__ == "__main__":
+    main()

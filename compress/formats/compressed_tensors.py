@@ -1,0 +1,112 @@
+"""compressed-tensors `pack-quantized` (weight-only integer, "W4A16"-style), the format llm-compressor writes and
+vLLM serves; transformers with the `compressed-tensors` package loads it with plain `from_pretrained`, on CPU too.
+Written from the integers a quantizer produced:
+
+  <linear>.weight_packed      int32 [out, in * bits / 32]  codes (unsigned, i.e. compressed-tensors' signed value
+                                                           + 2^(bits-1)) packed along the input dimension, the same
+                                                           little-endian bit stream as the native layout
+  <linear>.weight_scale       float16 [out, n_groups]
+  <linear>.weight_shape       int64 [2]                    (out, in)
+
+config.json's quantization_config: quant_method "compressed-tensors", format "pack-quantized", one config group
+targeting Linear with the weights' num_bits / symmetric / strategy ("group" or "channel") / group_size, actorder
+and `ignore` listing lm_head and any linear
+left unquantized. The format needs a symmetric grid (transformers with compressed-tensors 0.20 fails to load the
+packed zero points of asymmetric ones), a group size that divides every quantized layer's input width, and groups
+in natural order (compressed-tensors dropped the act-order group index); when any of these fails the exporter says
+so and writes the GPTQ format instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..qlinear import is_linear_like
+from . import AtomicFolder, _state_for_saving, compressed_modules, write_model_folder
+from .exporters import register_exporter
+from .gptq import quantized_linears
+
+log = logging.getLogger("compress")
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the model's quantized linears cannot be written as pack-quantized (None if they can)."""
+    mods, spec, _ = quantized_linears(model, "compressed-tensors", every_block_linear=False)
+    if not spec.sym:
+        return ("the grid is asymmetric: transformers (with compressed-tensors 0.20) cannot load asymmetric "
+                "pack-quantized checkpoints, it builds unpacked zero points where the format stores packed ones; "
+                "quantize with --sym for this format (llm-compressor's W4A16 is symmetric)")
+    if spec.group_size != -1:
+        for name, m in mods.items():
+            if m.in_features % spec.group_size:
+                return (f"group size {spec.group_size} does not divide the input width {m.in_features} of {name} "
+                        f"(compressed-tensors needs it to divide every width)")
+    for name, m in mods.items():
+        if m.weight_g_idx is not None:
+            return (f"{name} uses an act-order group index (--act-order without --static-groups), which "
+                    "compressed-tensors no longer supports")
+    return None
+
+
+def ct_config(spec, ignore: list[str]) -> dict[str, Any]:
+    weights = {
+        "num_bits": spec.bits,
+        "type": "int",
+        "symmetric": spec.sym,
+        "strategy": "channel" if spec.group_size == -1 else "group",
+        "group_size": None if spec.group_size == -1 else spec.group_size,
+        "dynamic": False,
+        "observer": "minmax",
+        "block_structure": None,
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "global_compression_ratio": None,
+    }
+
+
+@register_exporter("compressed-tensors")
+def export_compressed_tensors(model: nn.Module, tokenizer: Any, target: Path, overwrite: bool) -> Path:
+    """pack-quantized folder (see the module docstring); falls back to the GPTQ format when the grid does not fit."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        from .exporters import EXPORTERS
+
+        gptq_target = Path(str(target)[: -len("-compressed-tensors")] + "-gptq") if str(target).endswith("-compressed-tensors") \
+            else Path(f"{target}-gptq")
+        log.warning("compressed-tensors not written: %s. Writing the GPTQ format instead: %s", reason, gptq_target)
+        cfg = gptq_target / "config.json"
+        if cfg.is_file() and (json.loads(cfg.read_text()).get("quantization_config") or {}).get("quant_method") == "gptq" \
+                and not overwrite:
+            return gptq_target  # written a moment ago by --export gptq in the same run
+        return EXPORTERS["gptq"](model, tokenizer, gptq_target, overwrite)
+    mods, spec, _ = quantized_linears(model, "compressed-tensors", every_block_linear=False)
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_linear_like(m)]
+    if "lm_head" not in ignore and getattr(model, "lm_head", None) is not None:
+        ignore.append("lm_head")
+    state = _state_for_saving(model)
+    for name, m in mods.items():
+        qw = m.quantized_weight()
+        for key in [k for k in state if k.startswith(name + ".") and not k.endswith(".bias")]:
+            del state[key]
+        # the same bit stream, without the all-padding words compressed-tensors does not store
+        state[f"{name}.weight_packed"] = m.weight_packed.detach()[:, :math.ceil(m.in_features * spec.bits / 32)].to("cpu").contiguous()
+        state[f"{name}.weight_scale"] = qw.scales.to(torch.float16).to("cpu").contiguous()
+        state[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features], dtype=torch.int64)
+    qc = ct_config(spec, sorted(ignore))
+    with AtomicFolder(target, overwrite) as tmp:
+        write_model_folder(tmp, model, tokenizer, state, qc)
+    return Path(target)
