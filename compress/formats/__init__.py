@@ -335,7 +335,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     # integer codes and float16 scales keep their own dtypes.
     tok = load_remaining(model, state, folder, config)
     info = {"format": "native" if qc else "dense", "quantization_config": {k: v for k, v in qc.items() if k != "modules"}}
-    return model, tok, info
+    return _attach_adapter(model, folder, config), tok, info
 
 
 def load_remaining(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, config: dict[str, Any],
@@ -352,9 +352,7 @@ def load_remaining(model: nn.Module, state: dict[str, torch.Tensor], folder: Pat
     if tied:
         model.tie_weights()
     model.eval()
-    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-    info = {"format": "native" if qc else "dense", "quantization_config": {k: v for k, v in qc.items() if k != "modules"}}
-    return _attach_adapter(model, folder, config), tok, info
+    return AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
 
 
 def _attach_adapter(model: nn.Module, folder: Path, config: dict[str, Any]) -> nn.Module:
