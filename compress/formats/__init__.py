@@ -44,6 +44,10 @@ MODULE_TYPES: dict[str, type] = {}
 LOAD_TRANSFORMS: dict[str, Callable[[nn.Module, dict], None]] = {}
 # Readers of other formats: key = quant_method (or other marker) -> loader(path, dtype) -> (model, tokenizer, info)
 FORMAT_READERS: dict[str, Callable[..., tuple[nn.Module, Any, dict]]] = {}
+# Formats whose tensors are the model's own state dict and differ from the native format only in config.json (e.g.
+# bitsandbytes LLM.int8(): int8 `weight` + `SCB`): each returns the `quantization_config` of a model it recognises,
+# else None. save_checkpoint asks them before describing the model natively.
+CONFIG_WRITERS: list[Callable[[nn.Module], dict[str, Any] | None]] = []
 
 
 def register_module_type(name: str) -> Callable[[type], type]:
@@ -57,6 +61,9 @@ def register_module_type(name: str) -> Callable[[type], type]:
 
 def _register_builtin() -> None:
     from ..qlinear import QuantLinear
+    from .exporters import _load_format_modules
+
+    _load_format_modules()  # format modules register their module types, readers and config writers
 
     if "quant_linear" not in MODULE_TYPES:
         QuantLinear.module_type = "quant_linear"
@@ -184,7 +191,10 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
         config.pop("quantization_config", None)
         config["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
         config["use_cache"] = True
-        if modules:
+        foreign = next((qc for qc in (w(model) for w in CONFIG_WRITERS) if qc is not None), None)
+        if foreign is not None:
+            config["quantization_config"] = foreign
+        elif modules:
             config["quantization_config"] = {
                 "quant_method": NATIVE_QUANT_METHOD,
                 "format": "native",
