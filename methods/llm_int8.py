@@ -10,6 +10,7 @@ on the calibration set (the engine's `input_absmax` statistic).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from compress.config import MethodConfig, option
 from compress.formats.bitsandbytes import load_bitsandbytes
 from compress.qlinear import linear_weight
 from compress.registry import Method, Needs, register
+
+log = logging.getLogger("compress")
 
 
 @dataclass
@@ -68,3 +71,10 @@ class LLMInt8(Method):
             self.report["mean_outlier_fraction"] = round(sum(fracs) / len(fracs), 6)
             self.report["layers_with_outliers"] = sum(v["outlier_dims"] > 0 for v in layers.values())
         return int8_linear(linear_weight(linear), getattr(linear, "bias", None), t)
+
+    def finalize(self, model, ctx):
+        if "layers" in self.report:
+            log.info("LLM.int8(): %d of %d layers have input dimensions >= %g on the calibration set; mean fraction %.4f",
+                     self.report["layers_with_outliers"], len(self.report["layers"]), self.config.outlier_threshold,
+                     self.report["mean_outlier_fraction"])
+        return model

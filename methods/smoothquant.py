@@ -10,6 +10,7 @@ per tensor (static: max|X|/127 over the calibration set, of the smoothed input),
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from compress.config import MethodConfig, option
@@ -18,6 +19,8 @@ from compress.int8 import ACT_SCHEMES, W8A8Linear
 from compress.qlinear import linear_weight
 from compress.registry import Method, Needs, register
 from compress.smoothing import smooth_block, smoothable_groups
+
+log = logging.getLogger("compress")
 
 
 @dataclass
@@ -83,3 +86,12 @@ class SmoothQuant(Method):
             weight = linear_weight(linear)
             block.replace(name, W8A8Linear.from_float(weight, getattr(linear, "bias", None), act_scheme=c.act_scheme,
                                                       input_absmax=absmax))
+
+    def finalize(self, model, ctx):
+        smoothed = self.report.get("smoothed", {})
+        if smoothed:
+            before = sum(v["act_max_over_median_before"] for v in smoothed.values()) / len(smoothed)
+            after = sum(v["act_max_over_median_after"] for v in smoothed.values()) / len(smoothed)
+            log.info("SmoothQuant: smoothed %d norm-fed groups (alpha %g); input max/median channel abs-max %.1f -> %.1f "
+                     "on average", len(smoothed), self.config.alpha, before, after)
+        return model
