@@ -27,7 +27,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     handler = RichHandler(show_time=False, show_path=False, markup=False, rich_tracebacks=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("compress").setLevel(level)
-    for noisy in ("transformers", "datasets", "urllib3", "filelock", "httpx", "huggingface_hub"):
+    for noisy in ("transformers", "datasets", "urllib3", "filelock", "httpx", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings

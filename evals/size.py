@@ -24,7 +24,11 @@ def storage_bits(module: nn.Module) -> int:
         return int(module.storage_bits())
     if is_nf4_linear(module):
         return nf4_storage_bits(module)
-    return module.weight.numel() * _dtype_bits(module.weight)
+    bits = module.weight.numel() * _dtype_bits(module.weight)
+    # bitsandbytes int8 (LLM.int8()): the float32 row abs-max SCB lives on the weight, or on the layer's state once used
+    scb = getattr(module.weight, "SCB", None)
+    scb = getattr(getattr(module, "state", None), "SCB", None) if scb is None else scb
+    return bits + (scb.numel() * 32 if isinstance(scb, torch.Tensor) else 0)
 
 
 def _adapter_modules(blocks) -> set[int]:

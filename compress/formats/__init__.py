@@ -48,8 +48,9 @@ FORMAT_READERS: dict[str, Callable[..., tuple[nn.Module, Any, dict]]] = {}
 # Extra entries of the native `quantization_config`: key -> function(compressed modules by name) -> value or None
 # (e.g. the sparse format's `sparsity_config`).
 CONFIG_SECTIONS: dict[str, Callable[[dict[str, nn.Module]], Any]] = {}
-# Layers of other formats held in memory (e.g. bitsandbytes 4-bit): fn(model) -> their quantization_config, or None.
-# The checkpoint then carries that config and FORMAT_KEY = its quant_method, and reads back through FORMAT_READERS.
+# Layers of other formats held in memory (bitsandbytes 4-bit and int8), whose tensors are the model's own state dict
+# and differ from the native format only in config.json: fn(model) -> their quantization_config, or None. The
+# checkpoint then carries that config and FORMAT_KEY = its quant_method, and reads back through FORMAT_READERS.
 QUANT_CONFIG_WRITERS: list[Callable[[nn.Module], dict[str, Any] | None]] = []
 FORMAT_KEY = "compress_format"
 # Wrappers around a model saved beside its base (e.g. peft adapters): fn(model) -> SavedModel, or None if not theirs.
@@ -241,8 +242,12 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
         model = saved.model
     modules = compressed_modules(model)
     with AtomicFolder(output, overwrite) as tmp:
-        qc = None
-        if modules:
+        extra = dict(saved.config if saved is not None else {})
+        # a format whose tensors are the model's own state dict and differ only in config.json (bitsandbytes)
+        qc = next((c for c in (w(model) for w in QUANT_CONFIG_WRITERS) if c), None)
+        if qc:
+            extra[FORMAT_KEY] = qc["quant_method"]
+        elif modules:
             qc = {
                 "quant_method": NATIVE_QUANT_METHOD,
                 "format": "native",
@@ -253,11 +258,6 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
                 value = section(modules)
                 if value is not None:
                     qc[key] = value
-        extra = dict(saved.config if saved is not None else {})
-        if not modules:
-            qc = next((c for c in (w(model) for w in QUANT_CONFIG_WRITERS) if c), None)
-            if qc:
-                extra[FORMAT_KEY] = qc["quant_method"]
         extra.update(extra_config or {})
         write_model_folder(tmp, model, tokenizer, saved.state if saved is not None else _state_for_saving(model), qc,
                            extra)

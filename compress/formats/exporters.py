@@ -11,11 +11,17 @@ import torch.nn as nn
 from ..errors import ConfigError
 
 EXPORTERS: dict[str, Callable[[nn.Module, Any, Path, bool], Path]] = {}
+# Exporters that take only the models they recognise (`handles(model)`), tried before EXPORTERS[name]: one format
+# name can cover several layouts (compressed-tensors: pack-quantized weight-only, int-quantized W8A8).
+SPECIFIC_EXPORTERS: dict[str, list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, Any, Path, bool], Path]]]] = {}
 
 
-def register_exporter(name: str):
+def register_exporter(name: str, handles: Callable[[nn.Module], bool] | None = None):
     def deco(fn: Callable[[nn.Module, Any, Path, bool], Path]):
-        EXPORTERS[name] = fn
+        if handles is None:
+            EXPORTERS[name] = fn
+        else:
+            SPECIFIC_EXPORTERS.setdefault(name, []).append((handles, fn))
         return fn
 
     return deco
@@ -29,14 +35,19 @@ def _load_format_modules() -> None:
 
 def known_formats() -> list[str]:
     _load_format_modules()
-    return sorted(EXPORTERS)
+    return sorted(set(EXPORTERS) | set(SPECIFIC_EXPORTERS))
 
 
 def export(fmt: str, model: nn.Module, tokenizer: Any, output: str | Path, *, overwrite: bool = False) -> Path:
     _load_format_modules()
-    if fmt not in EXPORTERS:
-        raise ConfigError(f"--export {fmt!r} is not a known format; known: {', '.join(sorted(EXPORTERS))}")
+    if fmt not in EXPORTERS and fmt not in SPECIFIC_EXPORTERS:
+        raise ConfigError(f"--export {fmt!r} is not a known format; known: {', '.join(known_formats())}")
     target = Path(f"{output}-{fmt}")
+    for handles, fn in SPECIFIC_EXPORTERS.get(fmt, []):
+        if handles(model):
+            return fn(model, tokenizer, target, overwrite)
+    if fmt not in EXPORTERS:
+        raise ConfigError(f"--export {fmt!r} has no layout for this model's compressed layers")
     return EXPORTERS[fmt](model, tokenizer, target, overwrite)
 
 

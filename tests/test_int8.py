@@ -1,0 +1,76 @@
+"""Real int8 arithmetic: torch._int_mm and the exact fallback agree bit for bit; W8A8Linear computes what SmoothQuant's
+eq. 1 defines, in int32, on either path."""
+import pytest
+import torch
+
+import compress.int8 as int8
+from compress.int8 import W8A8Linear, int8_matmul, int8_matmul_fallback, int_mm_supported
+
+
+def _reference_int32(a, b):
+    return (a.long() @ b.long().t()).to(torch.int32)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (37, 1536, 576), (5, 3000, 7), (64, 576, 192)])
+def test_int_mm_and_fallback_give_identical_integers(m, k, n):
+    g = torch.Generator().manual_seed(m * k + n)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    ref = _reference_int32(a, b)
+    assert torch.equal(int8_matmul_fallback(a, b), ref)
+    assert int_mm_supported("cpu") == hasattr(torch, "_int_mm")  # this CPU build runs it; a probe failure would show here
+    assert torch.equal(int8_matmul(a, b, use_int_mm=True), ref)
+    assert int8_matmul(a, b).dtype == torch.int32
+
+
+def test_fallback_exact_where_one_float32_matmul_is_not():
+    """Sums far beyond 2^24 (long rows of +-127/-128): the chunked fallback stays exact."""
+    g = torch.Generator().manual_seed(0)
+    k = 8192
+    a = (127 - torch.randint(0, 3, (4, k), generator=g)).to(torch.int8)
+    b = torch.where(torch.rand(6, k, generator=g) < 0.5, -128, 127).to(torch.int8)
+    b[:, : k // 2] = -128
+    ref = _reference_int32(a, b)
+    assert ref.abs().max() > 2**24
+    assert torch.equal(int8_matmul_fallback(a, b), ref)
+    assert torch.equal(int8_matmul(a, b, use_int_mm=True), ref)
+
+
+def test_int8_matmul_refuses_floats():
+    with pytest.raises(TypeError, match="int8 operands"):
+        int8_matmul(torch.zeros(2, 3), torch.zeros(4, 3, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("scheme", ["per-token", "per-tensor"])
+def test_w8a8_linear_matches_reference_and_both_paths(scheme, monkeypatch):
+    torch.manual_seed(0)
+    w, bias = torch.randn(48, 80), torch.randn(48)
+    x = torch.randn(3, 7, 80)
+    x[..., 5] *= 30  # an outlier channel
+    absmax = x.abs().amax()
+    mod = W8A8Linear.from_float(w, bias, act_scheme=scheme, input_absmax=absmax if scheme == "per-tensor" else None)
+    # weights: int8 codes on the per-channel grid, scale = max|W_row| / 127 (float16), within half a step of W
+    assert mod.weight.dtype == torch.int8 and mod.weight.abs().max() <= 127
+    assert mod.weight_scale.dtype == torch.float16 and mod.weight_scale.shape == (48, 1)
+    assert torch.all((mod.dequantize_weight(torch.float32) - w).abs() <= mod.weight_scale.float() / 2 + 1e-6)
+    # reference: eq. 1 for both operands, the product in exact integers, one rescale
+    x2 = x.reshape(-1, 80)
+    sx = x2.abs().amax(dim=1, keepdim=True) / 127 if scheme == "per-token" else (absmax / 127).reshape(1, 1)
+    xq = torch.clamp(torch.round(x2 / sx), -128, 127)
+    acc = xq.double() @ mod.weight.double().t()
+    ref = (acc * sx.double() * mod.weight_scale.double().t() + bias.double()).reshape(3, 7, 48)
+    with torch.no_grad():
+        got = mod(x)
+    assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-5)
+    monkeypatch.setitem(int8._INT_MM_OK, "cpu", False)  # the fallback path: bit-identical outputs
+    with torch.no_grad():
+        assert torch.equal(mod(x), got)
+
+
+def test_w8a8_bf16_input_keeps_dtype_and_static_needs_scale():
+    w = torch.randn(16, 32, dtype=torch.bfloat16)
+    mod = W8A8Linear.from_float(w)
+    assert mod(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert mod.storage_bits() == 16 * 32 * 8 + 16 * 16
+    with pytest.raises(ValueError, match="input abs-max"):
+        W8A8Linear.from_float(w, act_scheme="per-tensor")
