@@ -56,6 +56,7 @@ def register_module_type(name: str) -> Callable[[type], type]:
 
 
 def _register_builtin() -> None:
+    from . import structured  # noqa: F401 - registers the per-layer-shape load transform
     from ..qlinear import QuantLinear
 
     if "quant_linear" not in MODULE_TYPES:
@@ -77,6 +78,7 @@ def is_project_checkpoint(config: dict[str, Any]) -> bool:
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") == NATIVE_QUANT_METHOD:
         return True
+    _register_builtin()
     if any(k in config for k in LOAD_TRANSFORMS):
         return True
     return False
