@@ -452,11 +452,12 @@ def _steps(co: Coupled) -> int:
 
 
 def allocate(ratio: float, total_params: int, attention: list[tuple[Coupled, int]], mlp: list[tuple[Coupled, int]],
-             accept: Callable[[int], bool] | None = None) -> Allocation:
+             accept: Callable[[int], bool] | None = None, round_to: int = 1) -> Allocation:
     """LLM-Pruner prunes every selected block by the same ratio (local pruning). Here the ratio applies to the whole
     model: the prunable blocks lose rho of their attention units (rounded: heads are coarse) and MLP channels take up
     the rest, so that exactly `ratio` of the total parameter count goes. `attention`/`mlp`: (coupled, unit cost).
-    `accept(steps)`: whether removing that many attention steps is allowed (the nearest allowed count is taken)."""
+    `accept(steps)`: whether removing that many attention steps is allowed (the nearest allowed count is taken);
+    `round_to`: the kept MLP width is a multiple of it (matrix kernels run faster on aligned widths)."""
     target = int(round(ratio * total_params))
     a_steps = _steps(attention[0][0]) if attention else 0  # removal steps per attention
     a_cost = sum(c * co.units // _steps(co) for co, c in attention)  # parameters one step removes over all of them
@@ -473,6 +474,8 @@ def allocate(ratio: float, total_params: int, attention: list[tuple[Coupled, int
     # nearest to the common ratio first; the MLPs must be able to take up the rest
     for a_remove in sorted(options, key=lambda a: (abs(a - rho * a_steps), a)):
         m_remove = int(round((target - a_remove * a_cost) / m_cost)) if mlp else 0
+        if mlp and round_to > 1 and m_units > round_to:
+            m_remove = m_units - max(round_to, int(round((m_units - m_remove) / round_to)) * round_to)
         if 0 <= m_remove < max(1, m_units):
             break
     else:

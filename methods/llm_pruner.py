@@ -55,6 +55,7 @@ class LLMPrunerConfig(LoraOptions):
                                     special={None: f"{PAPER_KEEP_FIRST}, or 0 with --uniform / --structure channel"})
     keep_last: int | None = option(None, "last blocks left unpruned", range=(0, None),
                                    special={None: f"{PAPER_KEEP_LAST}, or 0 with --uniform / --structure channel"})
+    round_to: int = option(8, "kept MLP width is a multiple of this (aligned widths run faster); 1: exact", range=(1, 1024))
     uniform: bool = option(False, "prune every block alike (no kept blocks): a standard transformers config that "
                            "AutoModelForCausalLM loads")
     recovery_steps: int = option(0, "LoRA recovery optimizer steps after pruning (0: no recovery)", range=(0, None))
@@ -186,7 +187,7 @@ class LLMPruner(Method):
                     heads, kv_heads = heads_after(lay, co0, steps)
                     return config_updates(model, {"heads": heads, "kv_heads": kv_heads}, lay.head_dim) is not None
             alloc = allocate(c.ratio, before, [(co, co.unit_cost(model)) for co in attn],
-                             [(co, co.unit_cost(model)) for co in mlp], accept=accept)
+                             [(co, co.unit_cost(model)) for co in mlp], accept=accept, round_to=c.round_to)
             removals = [alloc.attention_remove] * len(attn) + [alloc.mlp_remove] * len(mlp)
             inner = alloc.inner_ratio
         couplings = attn + mlp + hidden

@@ -16,16 +16,18 @@ from compress.recipe import Recipe, RunContext
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
 
 
-def _prune(model, calib=None, **opts):
+def _prune(model, calib=None, tokenizer=None, **opts):
+    """Run the method; calib: token ids [N, L] or a compress.data.Calibration."""
     recipe = Recipe.from_specs([{"method": "llm-pruner", **opts}])
-    ctx = RunContext(calibration=SimpleNamespace(input_ids=calib, source=SimpleNamespace(name="pydoc")) if calib is not None else None,
-                     progress=False)
+    if isinstance(calib, torch.Tensor):
+        calib = SimpleNamespace(input_ids=calib, source=SimpleNamespace(name="pydoc"))
+    ctx = RunContext(calibration=calib, tokenizer=tokenizer, progress=False)
     return recipe.run(model, ctx), recipe.stages[0].report
 
 
 @pytest.mark.parametrize("arch,kw,opts", [
     ("llama", {"heads": 4, "kv_heads": 2}, {"keep_first": 1, "keep_last": 1}),
-    ("llama", {"heads": 4, "kv_heads": 2}, {"uniform": True, "gqa": "query", "taylor": "element2", "aggregation": "prod"}),
+    ("llama", {"heads": 4, "kv_heads": 2}, {"uniform": True, "gqa": "query", "taylor": "element2", "aggregation": "prod", "round_to": 1}),
     ("opt", {}, {"keep_first": 1, "keep_last": 0, "taylor": "vector"}),
     ("llama", {"heads": 2, "kv_heads": 1, "hidden": 128}, {"structure": "channel"}),  # hidden % heads == 0 (LlamaConfig)
 ])
@@ -40,6 +42,9 @@ def test_parameter_count_drops_by_the_ratio(arch, kw, opts, tiny_calib):
         assert rep["ratio_inside_pruned_blocks"] > rep["ratio_total"]  # the pruned blocks make up for the kept ones
         kept = [0] if arch == "opt" else [0, 3]
         assert all(rep["layers"][i] == rep["layers_before"] for i in kept)
+    if opts.get("structure") != "channel":
+        widths = {l["channels"] for l, b in zip(rep["layers"], rep["layers_before"]) if l != b}
+        assert widths and all(w % opts.get("round_to", 8) == 0 for w in widths)  # --round-to, default 8
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=IDS).logits).all()
 
@@ -181,3 +186,72 @@ def test_cli_prune_then_eval(tiny_model_dir, tmp_path):
         assert not (tmp_path / "bad").exists()
     finally:
         os.chdir(old)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real model (--real): SmolLM2-135M-Instruct, bfloat16; calibration 8 x 128 tokens of WikiText-2 (validation
+# windows), perplexity on WikiText-2 raw test, 8 windows of 512 tokens.
+# ---------------------------------------------------------------------------------------------------------------
+REAL_EVAL = dict(seqlen=512, max_windows=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def real_calib(real_loaded, data_dir):
+    from compress.data import get_calibration
+
+    return get_calibration("wikitext2", real_loaded.tokenizer, nsamples=8, seqlen=128, seed=0)
+
+
+@pytest.fixture(scope="module")
+def real_pruned(real_loaded, real_calib):
+    """The default LLM-Pruner (Taylor, element-wise first order, sum; blocks 4..27) at --ratio 0.2, and its perplexity."""
+    import copy
+
+    from compress.evals.perplexity import perplexity
+
+    model, rep = _prune(copy.deepcopy(real_loaded.model), real_calib, ratio=0.2)
+    return model, rep, perplexity(model, real_loaded.tokenizer, "wikitext2", **REAL_EVAL)["value"]
+
+
+@pytest.mark.real
+def test_real_20_percent_smaller_reloads_and_generates(real_loaded, real_pruned, tmp_path):
+    from compress.evals.perplexity import perplexity
+
+    model, rep, ppl = real_pruned
+    dense_params = count_parameters(real_loaded.model)
+    assert abs(count_parameters(model) / dense_params - 0.8) <= 0.01
+    assert rep["layers"][10] == {"heads": 6, "kv_heads": 2, "channels": rep["layers"][10]["channels"]}
+    assert rep["layers"][0] == rep["layers"][29] == {"heads": 9, "kv_heads": 3, "channels": 1536}  # kept blocks
+    out = save_checkpoint(model, real_loaded.tokenizer, tmp_path / "pruned")
+    disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert abs(disk / (2 * dense_params) - 0.8) < 0.01  # bfloat16 on disk, 20% fewer bytes
+    loaded, tok, _ = load_checkpoint(out)
+    assert perplexity(loaded, tok, "wikitext2", **REAL_EVAL)["value"] == pytest.approx(ppl, rel=1e-4)
+    prompt = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        gen = loaded.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=tok.eos_token_id)
+    text = tok.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True)
+    print(f"pruned SmolLM2 (-20%) continues 'The capital of France is' with: {text!r}")
+    assert gen.shape[1] > prompt.shape[1] and text.strip()
+
+
+@pytest.mark.real
+def test_real_taylor_beats_baselines_and_lora_recovers(real_loaded, real_model, real_pruned, real_calib):
+    import copy
+
+    from compress.evals.perplexity import perplexity
+
+    tok = real_loaded.tokenizer
+    model, rep, taylor = real_pruned
+    ppl = {"taylor": taylor}
+    for importance in ("magnitude", "random"):
+        m, r = _prune(copy.deepcopy(real_model), real_calib, ratio=0.2, importance=importance)
+        assert r["layers"] == rep["layers"]  # the same shapes: only the choice of heads / channels differs
+        ppl[importance] = perplexity(m, tok, "wikitext2", **REAL_EVAL)["value"]
+    recovered, r = _prune(real_model, real_calib, tok, ratio=0.2, recovery_steps=12, recovery_lr=5e-4,
+                          recovery_samples=48, recovery_seqlen=128, recovery_batch_size=4)
+    ppl["taylor+lora"] = perplexity(recovered, tok, "wikitext2", **REAL_EVAL)["value"]
+    print("LLM-Pruner -20% on SmolLM2, wikitext2 512x8:", ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()),
+          f"(LoRA loss {r['recovery']['loss_first']:.3f} -> {r['recovery']['loss_last']:.3f})")
+    assert ppl["taylor"] < ppl["magnitude"] and ppl["taylor"] < ppl["random"]
+    assert ppl["taylor+lora"] < ppl["taylor"]
