@@ -50,3 +50,14 @@ def merge_lora(peft_model: nn.Module) -> nn.Module:
     for p in merged.parameters():
         p.requires_grad_(False)
     return merged
+
+
+def lora_finetune(model: nn.Module, data, opts: LoraOptions, train, *, device="cpu", seed: int = 0,
+                  progress: bool = True, desc: str = "LoRA"):
+    """Train LoRA adapters on `model` with the shared Trainer (`train`: a compress.trainer.TrainConfig), then merge
+    them into its weights. Returns (the plain merged model, the TrainResult). Used for recovery after pruning."""
+    from .trainer import Trainer
+
+    peft_model = add_lora(model, opts)
+    result = Trainer(peft_model, data, train, device=device, seed=seed, desc=desc, progress=progress).train()
+    return merge_lora(peft_model), result

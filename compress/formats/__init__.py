@@ -88,6 +88,7 @@ def register_module_type(name: str) -> Callable[[type], type]:
 
 
 def _register_builtin() -> None:
+    from . import structured  # noqa: F401 - registers the per-layer-shape load transform
     from ..qlinear import QuantLinear
     load_plugins()  # sibling format modules register their module types (e.g. sparse_linear) on import
 
@@ -110,6 +111,7 @@ def is_project_checkpoint(config: dict[str, Any]) -> bool:
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") == NATIVE_QUANT_METHOD:
         return True
+    _register_builtin()
     if any(k in config for k in LOAD_TRANSFORMS):
         return True
     load_plugins()  # formats register their readers on import
