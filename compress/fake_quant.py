@@ -2,11 +2,11 @@
 through the straight-through estimator, exported to the same packed-integer QuantLinear as RTN/GPTQ.
 
 The grid is the project's (compress.quant_grid): per output channel or per group of input columns, asymmetric or
-symmetric, w_hat = s * (q - z) with q = round(clamp(w / s + z, 0, 2^b - 1)) (clip, then round, as LSQ eq. 1).
-* Straight-through estimator (Bengio et al. 2013, arXiv 1308.3432): round() passes its gradient unchanged, so
-  d w_hat / d w = 1 inside the clipping range and 0 outside (the clamp's own gradient).
+symmetric, w_hat = s * (q - z) with q = clamp(round(w / s) + z, 0, 2^b - 1), the codes RTN and GPTQ produce.
+* Straight-through estimator (Bengio et al. 2013, arXiv 1308.3432): rounding passes the gradient of the clipped
+  value v = clamp(w/s + z, 0, 2^b - 1) unchanged, so d w_hat / d w = 1 inside the clipping range and 0 outside.
 * LSQ (Esser et al. 2020, arXiv 1902.08153): the step size s is a parameter; through the STE its gradient is eq. 3,
-  (round(w/s + z) - z) - w/s inside, Q_P = 2^b-1-z above, -Q_N = -z below, times the gradient scale
+  (q - z) - w/s inside, Q_P = 2^b-1-z above, -Q_N = -z below, times the gradient scale
   g = 1 / sqrt(N_W * Q_P) of Sec. 2.2 (N_W: weights sharing that step size).
 * Scales are used in the forward pass as the float16 value every checkpoint stores (a straight-through rounding),
   so the exported QuantLinear computes exactly what training saw.
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from .config import option
 from .errors import ConfigError
 from .qlinear import QuantLinear, is_linear_like, linear_weight
-from .quant_grid import SCALE_DTYPE, QuantizedWeight, QuantSpec, WeightQuantConfig, params_from_range, round_scale
+from .quant_grid import (SCALE_DTYPE, QuantizedWeight, QuantSpec, WeightQuantConfig, params_from_range, quantize,
+                         round_scale)
 from .trainer import TrainConfig, Trainer, lm_loss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,11 +48,6 @@ INITS = ("rtn", "gptq")
 # ---------------------------------------------------------------------------------------------------------------
 # Differentiable pieces
 # ---------------------------------------------------------------------------------------------------------------
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) in the forward pass, identity in the backward pass (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
-
-
 def grad_scale(x: torch.Tensor, g: torch.Tensor | float) -> torch.Tensor:
     """Value x, gradient g * dL/dx (LSQ, arXiv 1902.08153, Sec. 2.2 / its gradscale function)."""
     return (x - x * g).detach() + x * g
@@ -62,15 +58,14 @@ def stored_scale_ste(scale: torch.Tensor) -> torch.Tensor:
     return scale + (round_scale(scale) - scale).detach()
 
 
-def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (as floats) of w: round(clamp(w / s + z, 0, maxq)), clipping before rounding (LSQ eq. 1)."""
-    return torch.round(torch.clamp(w / scale + zero, 0, maxq))
-
-
 def ste_fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """w_hat = s * (round_ste(clamp(w / s + z, 0, maxq)) - z): dw_hat/dw = 1 inside the range, 0 outside; dw_hat/ds is
-    LSQ's eq. 3 (with the zero point z: (round(w/s + z) - z) - w/s inside, maxq - z above, -z below)."""
-    return scale * (round_ste(torch.clamp(w / scale + zero, 0, maxq)) - zero)
+    """w_hat = s * (q - z) with the grid's codes q = clamp(round(w/s) + z, 0, maxq) (compress.quant_grid.quantize, so
+    the initial codes are exactly RTN's/GPTQ's), and the straight-through gradient of LSQ's clipped value
+    v = clamp(w/s + z, 0, maxq): dw_hat/dw = 1 inside the range, 0 outside; dw_hat/ds = (q - z) - w/s inside,
+    maxq - z above, -z below (LSQ eq. 3 with a zero point). The composed-ops reference of _FakeQuant."""
+    v = torch.clamp(w / scale + zero, 0, maxq)
+    q = quantize(w.detach(), scale.detach(), zero, maxq)
+    return scale * (v + (q - v).detach() - zero)
 
 
 def group_range(w: torch.Tensor, g_idx: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,14 +112,15 @@ class _FakeQuant(torch.autograd.Function):
     """ste_fake_quantize with the group expansion fused in: the same values and gradients, a fraction of the
     memory traffic (autograd of the composed expression saves and revisits several [out, in] tensors).
     Gradients: dw = g * 1[0 <= w/s + z <= maxq]; ds (per group) = sum of g * (q - v) inside, g * (q - z) outside,
-    where v = w/s + z (LSQ eq. 3 with a zero point)."""
+    where v = w/s + z (LSQ eq. 3 with a zero point) and q = clamp(round(w/s) + z, 0, maxq)."""
 
     @staticmethod
     def forward(ctx, w, scale, zero, layout: GroupLayout, maxq: int):
         s, z = layout.expand(scale), layout.expand(zero)
-        v = w / s + z
+        u = w / s
+        v = u + z
         inside = (v >= 0) & (v <= maxq)
-        q = torch.round(v.clamp(0, maxq))
+        q = torch.clamp(torch.round(u) + z, 0, maxq)  # compress.quant_grid.quantize
         w_hat = s * (q - z)
         ds = None
         if ctx.needs_input_grad[1]:
@@ -239,7 +235,7 @@ class FakeQuantLinear(nn.Module):
         s, z = self._grid()
         s, z = s.detach().float(), z.detach().float()
         if self.weight is not None:
-            codes = grid_codes(self.weight.detach().float(), self.layout.expand(s), self.layout.expand(z), self.maxq)
+            codes = quantize(self.weight.detach().float(), self.layout.expand(s), self.layout.expand(z), self.maxq)
         else:
             codes = self.weight_codes
         return QuantizedWeight(codes.to(torch.uint8), s.to(SCALE_DTYPE), z.to(torch.uint8), self.g_idx.clone(), self.spec)

@@ -20,7 +20,7 @@ from compress.trainer import distillation_loss
 
 @dataclass
 class LLMQATConfig(QuantTrainConfig):
-    lr: float = option(5e-5, "peak learning rate (AdamW)", range=(0.0, 1.0))
+    lr: float = option(1e-4, "peak learning rate (AdamW)", range=(0.0, 1.0))
     scale_mode: str = option("minmax", "step sizes during training: fixed (the initial grid), lsq (learned, LSQ gradient), "
                                        "minmax (recomputed from the weights at every step)", choices=SCALE_MODES)
     temperature: float = option(1.0, "distillation temperature (softens teacher and student distributions)", range=(0.05, 100.0))

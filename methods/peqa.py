@@ -18,7 +18,7 @@ from compress.registry import Method, Needs, register
 
 @dataclass
 class PEQAConfig(QuantTrainConfig):
-    lr: float = option(1e-4, "peak learning rate (AdamW)", range=(0.0, 1.0))
+    lr: float = option(5e-4, "peak learning rate (AdamW)", range=(0.0, 1.0))
 
 
 @register("peqa", family="training-aware", summary="PEQA: integer codes frozen, only the per-channel/group scales trained",

@@ -18,7 +18,7 @@ from compress.registry import Method, Needs, register
 
 @dataclass
 class QATConfig(QuantTrainConfig):
-    lr: float = option(5e-5, "peak learning rate (AdamW)", range=(0.0, 1.0))
+    lr: float = option(1e-4, "peak learning rate (AdamW)", range=(0.0, 1.0))
     scale_mode: str = option("lsq", "step sizes during training: fixed (the initial grid), lsq (learned, LSQ gradient), "
                                     "minmax (recomputed from the weights at every step)", choices=SCALE_MODES)
 

@@ -154,14 +154,18 @@ def test_model_level_fake_quant_then_export_keeps_logits(tiny_llama):
         assert torch.equal(tiny_llama(input_ids=ids).logits, before)
 
 
-def test_rtn_init_starts_at_the_rtn_model(tiny_llama):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rtn_init_starts_exactly_at_the_rtn_model(tiny_llama, dtype):
     import copy
 
-    rtn, _ = _run(copy.deepcopy(tiny_llama), "rtn", bits=3, group_size=32)
-    fake_quantize_model(tiny_llama, RunContext(progress=False), QuantSpec(3, 32), init="rtn", scale_mode="fixed")
+    model = tiny_llama.to(dtype)
+    rtn, _ = _run(copy.deepcopy(model), "rtn", bits=3, group_size=32)
+    mods = fake_quantize_model(model, RunContext(progress=False), QuantSpec(3, 32), init="rtn", scale_mode="lsq")
+    for name, fq in mods.items():  # latent weights are the originals (bf16 ones hit exact rounding ties: same codes)
+        assert torch.equal(fq.to_quantized().codes, rtn.get_submodule(name).quantized_weight().codes)
     ids = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
-        assert torch.allclose(tiny_llama(input_ids=ids).logits, rtn(input_ids=ids).logits, atol=1e-5)
+        assert torch.equal(model(input_ids=ids).logits, rtn(input_ids=ids).logits)
 
 
 def test_qat_lowers_the_loss_and_trains_weights_and_scales(tiny_llama, calib_data):
