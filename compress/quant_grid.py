@@ -54,9 +54,14 @@ class QuantSpec:
 def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of `w` [rows, cols] (float32), min/max over the columns given."""
     w = w.float()
-    zero_t = torch.zeros(w.shape[0], device=w.device)
-    xmin = torch.minimum(w.min(dim=1).values, zero_t)
-    xmax = torch.maximum(w.max(dim=1).values, zero_t)
+    return params_from_range(w.min(dim=1).values, w.max(dim=1).values, spec)
+
+
+def params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (float32, same shape as the inputs) of the grid spanning [wmin, wmax] widened to hold 0."""
+    zero_t = torch.zeros_like(wmin, dtype=torch.float32)
+    xmin = torch.minimum(wmin.float(), zero_t)
+    xmax = torch.maximum(wmax.float(), zero_t)
     if spec.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
