@@ -205,9 +205,9 @@ def load_grid(path: str | os.PathLike, results_dir: str | None = None) -> Grid:
             continue  # e.g. a calibration axis over a method that needs none: one cell
         label = f"{Path(model).name} {recipe.label() if recipe else 'none (evaluation only)'}"
         if config["calibration"]:
-            label += " calib " + ",".join(f"{k}={v}" for k, v in config["calibration"].items())
+            label += " [" + ", ".join(f"{k} {v}" for k, v in config["calibration"].items()) + "]"
         if len(evals) > 1:
-            label += " eval " + ",".join(f"{k}={v}" for k, v in ev.items())
+            label += " {" + ", ".join(f"{k} {v}" for k, v in ev.items()) + "}"
         cells[key] = Cell(key, config, label)
     rdir = results_dir or doc.get("results_dir")
     return Grid(str(doc.get("name") or p.stem), p, list(cells.values()), rdir, doc.get("output_dir"))
