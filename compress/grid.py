@@ -103,11 +103,13 @@ def _as_list(value: Any, what: str) -> list[Any]:
 
 
 def _is_list_option(method: str, option: str) -> bool:
+    """Whether a method option itself takes a list (then a list of lists is an axis of the grid)."""
+    from .config import _base_type
     from .registry import get_method
 
     for f, tp in get_method(method).Config.field_specs():
         if f.name == option.replace("-", "_"):
-            base = typing.get_args(tp)[0] if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else tp
+            base, _ = _base_type(tp)
             return typing.get_origin(base) in (list, tuple) or base in (list, tuple)
     return False
 

@@ -143,21 +143,20 @@ def _lm_eval_version() -> str:
     return md.version("lm_eval")
 
 
-def _protocol(task: str, metric: str, results: dict[str, Any], *, offline_dir: Path | None, data_dir: Path | None,
+def _protocol(task: str, results: dict[str, Any], *, offline: bool, data_dir: Path | None,
               limit: int | None, batch_size: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     cfg = (results.get("configs") or {}).get(task, {})
     nsamp = (results.get("n-samples") or {}).get(task, {})
     split = cfg.get("test_split") or cfg.get("validation_split")
     kwargs = cfg.get("dataset_kwargs") or {}
     files = (kwargs.get("data_files") or {}).get(split) if isinstance(kwargs.get("data_files"), dict) else None
-    if offline_dir is not None and files and data_dir is not None:
+    if offline and files and data_dir is not None:
         data = os.path.relpath(files, data_dir)
         definition = "compress offline YAML (lm-eval's prompt)"
     else:
         data = f"{cfg.get('dataset_path')}:{cfg.get('dataset_name')}"
         definition = "lm-eval built-in"
     return {
-        "metric": metric,
         "task": task,
         "task_version": (results.get("versions") or {}).get(task),
         "task_definition": definition,
@@ -184,7 +183,7 @@ def _records(task: str, task_results: dict[str, Any], higher: dict[str, bool], b
         if metric not in higher or not isinstance(value, (int, float)):  # the task's metric_list only
             continue
         stderr = task_results.get(f"{metric}_stderr,{flt}")
-        protocol = {**base, "metric": metric}
+        protocol = {"metric": metric, **base}
         out[f"{task}_{METRIC_NAMES.get(metric, metric)}"] = {
             "value": float(value),
             "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
@@ -267,7 +266,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit
                 seconds = time.perf_counter() - t0
                 if res is None or task not in res.get("results", {}):
                     raise DataError(f"lm-eval returned no result for task {task!r}")
-                base = _protocol(task, "", res, offline_dir=TASK_DIR if offline else None, data_dir=ddir, limit=limit,
+                base = _protocol(task, res, offline=offline, data_dir=ddir, limit=limit,
                                  batch_size=batch_size, dtype=dtype, device=device)
                 recs = _records(task, res["results"][task], (res.get("higher_is_better") or {}).get(task, {}), base, seconds)
                 summary = ", ".join(f"{k} {v['value']:.4f}" for k, v in recs.items())

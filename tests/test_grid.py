@@ -41,6 +41,8 @@ def test_expansion_keys_and_validation(tmp_path, tiny_model_dir):
     spec = grid.cells[0].spec(None, None)
     assert spec.tag == grid.cells[0].key and spec.stages == [{"method": "rtn", "bits": 2, "group_size": 32}]
     assert spec.kind == "quantize" and spec.eval == ["pydoc"] and spec.eval_windows == 2 and not spec.save
+    only_eval = load_grid(_grid(tmp_path, [tiny_model_dir], [{"method": "none"}], name="fp")).cells
+    assert len(only_eval) == 1 and only_eval[0].spec(None, None).kind == "eval"
     bad = _grid(tmp_path, [tiny_model_dir], [{"method": "rtn", "bits": [4, 9]}], name="bad")
     with pytest.raises(ConfigError, match="--bits 9 is out of range"):
         load_grid(bad)
