@@ -297,6 +297,7 @@ def recipe_cmd(recipe_file: str, **kw) -> None:
 @click.option("--eval-windows", default="32", show_default=True, help="windows to use, or 'all'")
 @click.option("--tasks", default=None, help="lm-eval zero-shot tasks, comma-separated")
 @click.option("--limit", "task_limit", default=None, type=int, help="items per lm-eval task")
+@click.option("--efficiency", is_flag=True, help="also measure prefill/decode tokens per second, peak memory, kernel kind")
 @click.option("--results-dir", default=None)
 @click.option("--no-progress", is_flag=True)
 def eval_cmd(**kw) -> None:
@@ -307,7 +308,7 @@ def eval_cmd(**kw) -> None:
         spec = RunSpec(kind="eval", model=kw["model"], dtype=kw["dtype"], device=kw["device"], data_dir=kw["data_dir"],
                        eval=_split(kw["eval_sets"]), eval_seqlen=kw["eval_seqlen"], eval_windows=_windows(kw["eval_windows"]),
                        tasks=_split(kw["tasks"]), task_limit=kw["task_limit"], results_dir=kw["results_dir"],
-                       save=False, progress=not kw["no_progress"])
+                       save=False, progress=not kw["no_progress"], efficiency=kw["efficiency"])
         execute(spec, console=_console())
     except CompressError as e:
         _fail(e)

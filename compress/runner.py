@@ -37,6 +37,7 @@ class RunSpec:
     eval_batch_size: int = 1
     tasks: list[str] = field(default_factory=list)  # lm-eval zero-shot tasks
     task_limit: int | None = None
+    efficiency: bool = False  # prefill/decode tokens per second, peak memory, kernel kind (compress.evals.efficiency)
     baseline: bool = True  # also measure the uncompressed model (cached per model and protocol)
     output: str | None = None
     save: bool = True
@@ -137,11 +138,16 @@ def evaluate(model, tokenizer, spec: RunSpec, *, model_fp: str | None = None, la
 
         metrics.update(evaluate_tasks(model, tokenizer, spec.tasks, limit=spec.task_limit, data_dir=spec.data_dir,
                                       model_fp=model_fp))
+    if spec.efficiency:
+        from compress.evals.efficiency import efficiency_metrics
+
+        metrics.update(efficiency_metrics(model))
     return metrics
 
 
-def execute(spec: RunSpec, console=None) -> dict[str, Any]:
-    """Run one compression (or evaluation) and append its record. Returns the record."""
+def execute(spec: RunSpec, console=None, *, store: bool = True) -> dict[str, Any]:
+    """Run one compression (or evaluation) and append its record (unless store=False: a grid driver appends it).
+    Returns the record."""
     from compress.evals.size import size_report
 
     from .data import get_calibration
@@ -175,10 +181,11 @@ def execute(spec: RunSpec, console=None) -> dict[str, Any]:
         record["model"]["params"] = record["size"]["params"]
         record["checkpoint"] = loaded.source.path if loaded.source.kind in ("folder", "checkpoint") else None
         record["checkpoint_info"] = loaded.info
-        return _finish(record, spec, t_start, console)
+        return _finish(record, spec, t_start, console, store)
 
     before = {}
-    if spec.baseline and spec.eval:
+    measures = bool(spec.eval or spec.tasks or spec.efficiency)
+    if spec.baseline and measures:
         model.to(device)
         before = evaluate(model, tok, spec, model_fp=loaded.fingerprint, label="uncompressed")
         model.to("cpu")
@@ -200,7 +207,7 @@ def execute(spec: RunSpec, console=None) -> dict[str, Any]:
     compress_seconds = time.perf_counter() - t0
     log.info("%s finished in %.1f s", recipe.label(), compress_seconds)
     model.to(device)
-    after = evaluate(model, tok, spec, label="compressed") if spec.eval else {}
+    after = evaluate(model, tok, spec, label="compressed") if measures else {}
     model.to("cpu")
     record.update({
         "calibration": calib.record() if calib else None,
@@ -225,17 +232,16 @@ def execute(spec: RunSpec, console=None) -> dict[str, Any]:
     record["size_before"] = size_before
     record["size"] = size_report(model, output)
     record["model"]["params"] = size_before["params"]
-    return _finish(record, spec, t_start, console)
+    return _finish(record, spec, t_start, console, store)
 
 
-def _finish(record: dict[str, Any], spec: RunSpec, t_start: float, console) -> dict[str, Any]:
+def _finish(record: dict[str, Any], spec: RunSpec, t_start: float, console, store: bool = True) -> dict[str, Any]:
     from .results import append_record, environment, peak_memory
 
     record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     record["peak_memory"] = peak_memory()
     record["env"] = environment()
-    store = append_record(record, spec.results_dir)
-    record["_store"] = str(store)
+    record["_store"] = str(append_record(record, spec.results_dir)) if store else None
     if console is not None:
         print_summary(record, console)
     return record
@@ -288,5 +294,6 @@ def print_summary(record: dict[str, Any], console) -> None:
     extra.append(f"peak RSS {_fmt_bytes(record['peak_memory'].get('host_peak_rss_bytes'))}")
     if record.get("checkpoint"):
         extra.append(f"checkpoint {record['checkpoint']}")
-    extra.append(f"record appended to {record['_store']}")
+    if record.get("_store"):
+        extra.append(f"record appended to {record['_store']}")
     console.print(" · ".join(extra))

@@ -1,0 +1,181 @@
+"""Efficiency of a model as it runs here: bytes on disk, bits per weight, memory, prefill and decode speed, and
+whether its compressed layers run quantized kernels or dequantize their weights on the fly.
+
+Protocol (stored with the numbers): batch 1, a prompt of `prompt_len` random token ids (fixed seed), greedy decode of
+`decode_tokens` further tokens with the KV cache; one untimed warm-up, then the median of `repeats` timed runs.
+Prefill tokens/s = prompt_len / prefill time; decode tokens/s = decode_tokens / decode time (the prefill excluded).
+Peak memory: on CUDA the peak bytes allocated by torch during the measurement (weights included); on the CPU the
+process's peak resident set (VmHWM, reset before the measurement where the kernel allows), which also counts the
+Python and torch runtime, so it is an upper bound of what the model needs.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.errors import ConfigError
+
+log = logging.getLogger("compress")
+
+# How each kind of linear layer computes, by class name (classes from optional packages are not imported here).
+# A module may also say so itself with a `kernel` attribute: "quantized: ..." or "dequantize-on-the-fly: ...".
+KNOWN_KERNELS = {
+    "Linear": "dense: float matmul",
+    "QuantLinear": "dequantize-on-the-fly: packed integer codes unpacked to the compute dtype every forward, then a float matmul",
+    "Linear8bitLt": "quantized: bitsandbytes LLM.int8 int8 matmul with fp16 outlier columns",
+    "Linear4bit": "dequantize-on-the-fly: bitsandbytes NF4/FP4 blocks dequantized to the compute dtype per forward",
+}
+
+
+def kernel_report(model: nn.Module) -> dict[str, Any]:
+    """Count linear layers by how they compute. `quantized_kernels` is True only if every compressed layer runs
+    integer (or other low-precision) kernels; False if any dequantizes on the fly; None if nothing is compressed."""
+    from compress.qlinear import is_linear_like
+
+    kinds: Counter[str] = Counter()
+    for mod in model.modules():
+        if not is_linear_like(mod):
+            continue
+        name = type(mod).__name__
+        kernel = getattr(mod, "kernel", None) or KNOWN_KERNELS.get(name) or f"unknown ({name})"
+        kinds[f"{name}: {kernel}"] += 1
+    compressed = {k: n for k, n in kinds.items() if not k.startswith("Linear: dense")}
+    if not compressed:
+        verdict = None
+    else:
+        verdict = all(": quantized" in k for k in compressed)
+    if verdict is None:
+        summary = "no compressed layers: dense float kernels"
+    elif verdict:
+        summary = "compressed layers run quantized kernels"
+    else:
+        summary = "compressed layers dequantize their weights on the fly (float matmul; saves memory, not compute)"
+    return {"layers": dict(kinds), "quantized_kernels": verdict, "summary": summary}
+
+
+def _reset_host_peak() -> bool:
+    """Reset this process's peak RSS (Linux: write 5 to /proc/self/clear_refs). False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _host_peak_rss() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _one_run(model: nn.Module, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one greedy generation with the KV cache."""
+    device = prompt.device
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    _sync(device)
+    t1 = time.perf_counter()
+    past = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    for _ in range(decode_tokens):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int = 32, repeats: int = 3,
+                  seed: int = 0) -> dict[str, Any]:
+    """Prefill and decode tokens per second of `model` on the device it is on, and the peak memory meanwhile."""
+    if prompt_len < 1 or decode_tokens < 1 or repeats < 1:
+        raise ConfigError(f"efficiency: prompt_len {prompt_len}, decode_tokens {decode_tokens} and repeats {repeats} "
+                          f"must all be >= 1")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and prompt_len + decode_tokens > max_pos:
+        raise ConfigError(f"efficiency: prompt_len + decode_tokens = {prompt_len + decode_tokens} exceeds the model's "
+                          f"{max_pos} positions")
+    param = next(model.parameters())
+    device = param.device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(device)
+    was_training = model.training
+    model.eval()
+    host_reset = _reset_host_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _one_run(model, prompt, min(decode_tokens, 4))  # warm-up (allocator, kernels), untimed
+    runs = [_one_run(model, prompt, decode_tokens) for _ in range(repeats)]
+    if was_training:
+        model.train()
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    out: dict[str, Any] = {
+        "prefill_tokens_per_second": round(prompt_len / prefill, 2),
+        "decode_tokens_per_second": round(decode_tokens / decode, 2),
+        "device": str(device),
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "protocol": {"batch": 1, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats,
+                     "statistic": "median", "warmup": 1, "prompt": f"random token ids, seed {seed}",
+                     "decode": "greedy with KV cache"},
+    }
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        out["peak_memory_measure"] = "torch.cuda.max_memory_allocated during the measurement (weights included)"
+    else:
+        out["peak_memory_bytes"] = _host_peak_rss()
+        out["peak_memory_measure"] = ("process peak RSS (VmHWM) during the measurement, Python and torch runtime included"
+                                      if host_reset else "process peak RSS since start (VmHWM could not be reset)")
+    if torch.cuda.is_available() and device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def efficiency_metrics(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int = 32, repeats: int = 3
+                       ) -> dict[str, Any]:
+    """The speed and memory numbers as metric records (value + protocol + protocol_key), as the runner stores
+    perplexities: `prefill_tokens_per_second`, `decode_tokens_per_second`, `peak_memory_bytes`. The kernel kind
+    rides along in each record (it explains the speed; it is not part of the protocol)."""
+    from compress.evals.perplexity import protocol_key
+
+    kernels = kernel_report(model)
+    speed = measure_speed(model, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats)
+    protocol = {"metric": "efficiency", **speed["protocol"], "device": speed["device"], "dtype": speed["dtype"],
+                "threads": speed["threads"], **({"gpu": speed["gpu"]} if "gpu" in speed else {})}
+    out = {}
+    for name, higher in (("prefill_tokens_per_second", True), ("decode_tokens_per_second", True),
+                         ("peak_memory_bytes", False)):
+        proto = {**protocol, "metric": name}
+        if name == "peak_memory_bytes":
+            proto["measure"] = speed["peak_memory_measure"]
+        out[name] = {"value": speed[name], "higher_is_better": higher, "protocol": proto,
+                     "protocol_key": protocol_key(proto), "kernels": kernels}
+    log.info("efficiency on %s: prefill %.0f tok/s, decode %.1f tok/s, peak memory %.0f MiB; %s", speed["device"],
+             speed["prefill_tokens_per_second"], speed["decode_tokens_per_second"], speed["peak_memory_bytes"] / 2**20,
+             kernels["summary"])
+    return out
