@@ -280,7 +280,11 @@ def recipe_cmd(recipe_file: str, **kw) -> None:
             if pkey not in kw:
                 raise CompressError(f"recipe file setting {key!r} is not a run option; known: {', '.join(sorted(_RUN_KEYS))}")
             if ctx.get_parameter_source(pkey) == click.core.ParameterSource.DEFAULT:
-                kw[pkey] = ",".join(value) if isinstance(value, list) and pkey in ("eval_sets", "tasks") else value
+                if isinstance(value, list) and pkey in ("eval_sets", "tasks"):
+                    value = ",".join(value)
+                elif isinstance(value, str) and pkey in ("ignore", "exports"):
+                    value = [value]  # a single pattern or format, not a list of its characters
+                kw[pkey] = value
         spec = spec_from_cli("recipe", doc["stages"], kw)
         execute(spec, console=_console())
     except CompressError as e:

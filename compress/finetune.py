@@ -198,10 +198,20 @@ def require_float_linears(model: nn.Module, method: str, advice: str) -> None:
     from .formats import compressed_modules
     from .nf4 import is_nf4_linear
 
-    quantized = list(compressed_modules(model)) + [n for n, m in model.named_modules() if is_nf4_linear(m)]
+    # sparse layers (SparseLinear: a float weight with zeros) train like any float linear; their zeros are kept
+    quantized = [n for n, m in compressed_modules(model).items() if not _float_linear(m)]
+    quantized += [n for n, m in model.named_modules() if is_nf4_linear(m)]
     if quantized:
         raise ConfigError(f"{method} needs float linear weights; the model holds quantized layers ({quantized[0]}, ...): "
                           f"{advice}")
+
+
+def _float_linear(mod: nn.Module) -> bool:
+    """A linear whose weight is a float tensor it trains directly (nn.Linear, the pruners' SparseLinear), not integer
+    codes (QuantLinear, bitsandbytes int8/NF4)."""
+    w = getattr(mod, "weight", None)
+    return isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.is_floating_point() and \
+        type(w) in (torch.Tensor, nn.Parameter)
 
 
 def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -213,7 +223,7 @@ def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     masks = {}
     for i, block in enumerate(blocks):
         for name, mod in block.named_modules():
-            if type(mod) is nn.Linear:
+            if _float_linear(mod):
                 zero = mod.weight.detach() == 0
                 if bool(zero.any()):
                     masks[f"{path}.{i}.{name}"] = zero
@@ -225,7 +235,7 @@ def sparsity(masks: dict[str, torch.Tensor], model: nn.Module) -> float:
     from .arch import find_blocks
 
     _, blocks = find_blocks(model)
-    total = sum(m.weight.numel() for b in blocks for m in b.modules() if type(m) is nn.Linear)
+    total = sum(m.weight.numel() for b in blocks for m in b.modules() if _float_linear(m))
     return sum(int(z.sum()) for z in masks.values()) / total if total else 0.0
 
 

@@ -7,7 +7,7 @@ methods (training, structured pruning, distillation) run on the whole model betw
 A recipe is a list of stages, each `{"method": NAME, **options}`; in YAML:
 
     stages:
-      - {method: smoothquant, alpha: 0.5}
+      - {method: smoothquant, alpha: 0.5, smooth_only: true}   # the smoothing transform alone
       - {method: gptq, bits: 4, group_size: 128}
 """
 from __future__ import annotations

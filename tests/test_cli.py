@@ -1,6 +1,7 @@
 """The command line, end to end on a tiny model folder, and every bad input as one clear line, nothing written."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -90,3 +91,13 @@ def test_existing_output_not_overwritten(tiny_model_dir, tmp_path):
     res = _run(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--output", str(out), "--overwrite", *QUICK], tmp_path)
     assert res.exit_code == 0, res.output
     assert "quantization_config" in json.loads((out / "config.json").read_text())
+
+
+def test_shipped_recipe_files_validate():
+    """Every example recipe in recipes/ names registered methods with valid options."""
+    from compress.recipe import Recipe
+
+    files = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+    assert files
+    for f in files:
+        assert Recipe.from_yaml(f).stages

@@ -224,3 +224,29 @@ def test_cli_distill_layer_dropped_student_then_eval(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert read_records()[-1]["metrics"]["after"]["ppl_pydoc"]["value"] == pytest.approx(
         rec["metrics"]["after"]["ppl_pydoc"]["value"], rel=1e-4)
+
+
+@pytest.mark.parametrize("recovery", ["distill", "lora"])
+def test_recovery_after_wanda_keeps_its_sparse_layers(tiny_tok, recovery):
+    """The real pruners store SparseLinear layers (float weights with a mask): recovery stages train them, keep
+    exactly their zeros, and the result still stores sparse."""
+    from compress.finetune import sparsity, zero_masks
+    from compress.models import tiny_model
+    from compress.recipe import Recipe
+    from compress.sparse_linear import SparseLinear
+
+    opts = {"steps": 3, "train_samples": 8, "train_seqlen": 64, "lr": 1e-3, "heldout": 2} if recovery == "lora" else \
+        {"steps": 3, "train_samples": 8, "train_seqlen": 64, "lr": 1e-3}
+    ctx = _ctx(tiny_tok)
+    pruned = Recipe.from_specs([{"method": "wanda", "sparsity": 0.5}]).run(tiny_model("llama", seed=0), ctx)
+    masks = zero_masks(pruned)
+    assert masks and sparsity(masks, pruned) == pytest.approx(0.5, abs=0.01)
+    before = {n: pruned.get_submodule(n).weight.detach().clone() for n in masks}
+    model = Recipe([*Recipe.from_specs([{"method": recovery, **opts}]).stages]).run(pruned, _ctx(tiny_tok))
+    changed = False
+    for name, zero in masks.items():
+        mod = model.get_submodule(name)
+        assert isinstance(mod, SparseLinear)
+        assert torch.equal(mod.weight == 0, zero)  # the very same zeros
+        changed |= not torch.equal(mod.weight, before[name])
+    assert changed  # the kept weights were trained
