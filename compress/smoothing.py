@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from .errors import ConfigError
 from .qlinear import linear_weight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,7 +46,7 @@ def fold_smoothing(norm: nn.Module, linears: list[nn.Module], s: torch.Tensor) -
         norm.bias.copy_((norm.bias.float() / s.to(norm.bias.device)).to(norm.bias.dtype))
     for lin in linears:
         if not isinstance(lin, nn.Linear):
-            raise TypeError(f"smoothing folds into float nn.Linear layers, not {type(lin).__name__} (smooth before quantizing)")
+            raise ConfigError(f"smoothing folds into float nn.Linear layers, not {type(lin).__name__} (smooth before quantizing)")
         lin.weight.copy_((lin.weight.float() * s.to(lin.weight.device)).to(lin.weight.dtype))
 
 

@@ -3,7 +3,9 @@ SparseQuantLinear: the same for a pruned, then quantized layer: bitmask plus the
 
 In memory the layer is an ordinary nn.Linear holding its dense weight with exact zeros (CPUs and most GPUs have no
 kernel that makes unstructured sparsity faster; a plain matmul is the fastest forward). What it stores - its state
-dict, hence every checkpoint - is compressed-tensors' `sparse-bitmask` layout, per weight:
+dict, hence every checkpoint - is this project's bitmask layout (modelled on compressed-tensors' `sparse-bitmask`:
+same bit order, same `sparsity_config` fields, but its own tensor names and no row offsets, so only this project's
+loader reads it; `--export dense` writes a folder any tool loads), per weight:
   weight_bitmask     uint8 [out, ceil(in/8)]   bit j of byte k of row r set <=> weight (r, 8k + j) is stored
                                                (numpy.packbits(mask, axis=-1, bitorder="little"))
   weight_compressed  [nnz] weight dtype        the stored values, row-major (weight[mask])

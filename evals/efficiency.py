@@ -30,6 +30,10 @@ KNOWN_KERNELS = {
     "Linear": "dense: float matmul",
     "QuantLinear": "dequantize-on-the-fly: packed integer codes unpacked to the compute dtype every forward, then a float matmul",
     "Linear8bitLt": "quantized: bitsandbytes LLM.int8 int8 matmul with fp16 outlier columns",
+    "W8A8Linear": "quantized: int8 x int8 -> int32 matmul (torch._int_mm, or its exact fallback), per-token/tensor input scales",
+    "SparseLinear": "dense: float matmul over the weight with its zeros (no sparse kernel)",
+    "SparseQuantLinear": "dequantize-on-the-fly: codes of the kept weights unpacked into a dense weight, then a float matmul",
+    "OWQLinear": "dequantize-on-the-fly: packed codes plus float16 weak columns, then a float matmul",
     "Linear4bit": "dequantize-on-the-fly: bitsandbytes NF4/FP4 blocks dequantized to the compute dtype per forward",
 }
 
@@ -46,13 +50,13 @@ def kernel_report(model: nn.Module) -> dict[str, Any]:
         name = type(mod).__name__
         kernel = getattr(mod, "kernel", None) or KNOWN_KERNELS.get(name) or f"unknown ({name})"
         kinds[f"{name}: {kernel}"] += 1
-    compressed = {k: n for k, n in kinds.items() if not k.startswith("Linear: dense")}
+    compressed = {k: n for k, n in kinds.items() if ": dense" not in k}  # sparse layers run dense float matmuls
     if not compressed:
         verdict = None
     else:
         verdict = all(": quantized" in k for k in compressed)
     if verdict is None:
-        summary = "no compressed layers: dense float kernels"
+        summary = "no quantized layers: dense float kernels"
     elif verdict:
         summary = "compressed layers run quantized kernels"
     else:

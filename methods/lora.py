@@ -5,7 +5,7 @@ linears, with the LM loss (or, with --kd-weight > 0, the KD mix against the unco
 Used as the last stage of a recipe (e.g. llm-pruner -> lora, wanda -> lora) or on its own via `compress finetune`.
 Folding a dense update B A into a pruned weight would fill its zeros; with --keep-sparsity (default) the merged
 weights are masked again, so the model keeps exactly the sparsity it came with (the adapters' update is dropped at
-pruned positions). `--merge false` keeps the adapters beside the base instead (checkpoint: base + peft `adapter/`).
+pruned positions). `--no-merge-adapters` keeps the adapters beside the base instead (checkpoint: base + peft `adapter/`).
 Quantized bases are refused: adapters on NF4 are QLoRA (`qlora`).
 """
 from __future__ import annotations

@@ -100,4 +100,4 @@ def test_shipped_recipe_files_validate():
     files = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
     assert files
     for f in files:
-        assert Recipe.from_yaml(f).stages
+        assert Recipe.from_yaml(f)[0].stages

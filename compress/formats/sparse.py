@@ -1,5 +1,5 @@
-"""Sparse checkpoints: pruned linears stored as a bitmask plus their kept values (compressed-tensors' sparse-bitmask
-layout, see compress.sparse_linear), inside the native format.
+"""Sparse checkpoints: pruned linears stored as a bitmask plus their kept values (a layout modelled on
+compressed-tensors' sparse-bitmask, read by this project's loader; see compress.sparse_linear), inside the native format.
 
 In the native checkpoint (compress.formats) every SparseLinear is listed in `quantization_config.modules` with type
 `sparse_linear` (its shape, number of kept values, sparsity and structure) and writes two tensors,
