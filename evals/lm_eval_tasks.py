@@ -151,7 +151,7 @@ def _protocol(task: str, results: dict[str, Any], *, offline: bool, data_dir: Pa
     kwargs = cfg.get("dataset_kwargs") or {}
     files = (kwargs.get("data_files") or {}).get(split) if isinstance(kwargs.get("data_files"), dict) else None
     if offline and files and data_dir is not None:
-        data = os.path.relpath(files, data_dir)
+        data = os.path.relpath(os.path.realpath(files), os.path.realpath(data_dir))  # symlinked kits too
         definition = "compress offline YAML (lm-eval's prompt)"
     else:
         data = f"{cfg.get('dataset_path')}:{cfg.get('dataset_name')}"
