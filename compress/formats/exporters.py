@@ -27,19 +27,17 @@ def register_exporter(name: str, handles: Callable[[nn.Module], bool] | None = N
     return deco
 
 
-def _load_format_modules() -> None:
+def known_formats() -> list[str]:
     from . import load_plugins
 
-    load_plugins()
-
-
-def known_formats() -> list[str]:
-    _load_format_modules()
+    load_plugins()  # format modules register their exporters on import
     return sorted(set(EXPORTERS) | set(SPECIFIC_EXPORTERS))
 
 
 def export(fmt: str, model: nn.Module, tokenizer: Any, output: str | Path, *, overwrite: bool = False) -> Path:
-    _load_format_modules()
+    from . import load_plugins
+
+    load_plugins()  # format modules register their exporters on import
     if fmt not in EXPORTERS and fmt not in SPECIFIC_EXPORTERS:
         raise ConfigError(f"--export {fmt!r} is not a known format; known: {', '.join(known_formats())}")
     target = Path(f"{output}-{fmt}")
