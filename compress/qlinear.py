@@ -182,9 +182,21 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The (dequantized) float weight of any linear-like module."""
+    """The (dequantized) float weight of any linear-like module, bitsandbytes int8 and 4-bit layers included (their
+    `weight` holds integer codes)."""
     if isinstance(module, nn.Linear):
-        return module.weight
+        w = module.weight
+        # LLM.int8() Int8Params: row codes x row abs-max / 127 (the first forward moves SCB to the module's state)
+        scb = getattr(w, "SCB", None)
+        if scb is None and getattr(module, "state", None) is not None:
+            scb = getattr(module.state, "SCB", None)
+        if w.dtype == torch.int8 and scb is not None:
+            return w.data.float() * (scb.float() / 127.0).unsqueeze(1)
+        if getattr(w, "quant_state", None) is not None:  # bitsandbytes 4-bit (NF4/FP4)
+            from .nf4 import nf4_dequantize
+
+            return nf4_dequantize(module)
+        return w
     if hasattr(module, "dequantize_weight"):
         return module.dequantize_weight()
     return module.weight

@@ -142,4 +142,11 @@ class Recipe:
         return model
 
     def report(self) -> dict[str, Any]:
-        return {s.name: s.report for s in self.stages if s.report}
+        """Each stage's report under its method name; the second stage of one method is `name#2`, and so on."""
+        out: dict[str, Any] = {}
+        seen: dict[str, int] = {}
+        for s in self.stages:
+            seen[s.name] = seen.get(s.name, 0) + 1
+            if s.report:
+                out[s.name if seen[s.name] == 1 else f"{s.name}#{seen[s.name]}"] = s.report
+        return out

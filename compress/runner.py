@@ -90,6 +90,15 @@ def validate(spec: RunSpec):
             re.compile(pat)
         except re.error as e:
             raise ConfigError(f"--ignore {pat!r} is not a regular expression: {e}") from None
+    if spec.exports:
+        from .formats.exporters import known_formats
+
+        known = known_formats()
+        for fmt in spec.exports:
+            if fmt not in known:
+                raise ConfigError(f"--export {fmt!r} is not a known format; known: {', '.join(known)}")
+        if recipe is not None and not spec.save:
+            raise ConfigError(f"--export {', '.join(spec.exports)} needs a checkpoint; drop --no-save")
     resolve_device(spec.device)
     resolve_dtype(spec.dtype)
     output = None

@@ -66,6 +66,7 @@ BAD = [
     (["quantize", "--method", "rtn", "--data-dir", "/no/such/dir"], "--data-dir '/no/such/dir' does not exist"),
     (["quantize", "--method", "gptq", "--nsamples", "0"], "--nsamples 0 is out of range; allowed: >= 1"),
     (["quantize", "--method", "rtn", "--damp", "0.1"], "method 'rtn' has no option --damp"),
+    (["quantize", "--method", "rtn", "--export", "gguf"], "--export 'gguf' is not a known format; known: "),
 ]
 
 

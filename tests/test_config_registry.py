@@ -43,3 +43,14 @@ def test_every_method_has_valid_defaults_and_metadata():
         assert cls.summary and cls.family in FAMILIES, name
         # a method either runs in the engine or implements the model-level API
         assert cls.layerwise or cls.apply is not Method.apply, name
+
+
+def test_recipe_report_keeps_every_stage_of_a_repeated_method(tiny_llama):
+    """Two stages of one method keep both reports (the second under `name#2`), not the last one only."""
+    from compress.recipe import Recipe, RunContext
+
+    r = Recipe.from_specs([{"method": "magnitude", "sparsity": 0.2}, {"method": "magnitude", "sparsity": 0.5}])
+    r.run(tiny_llama, RunContext(progress=False))
+    rep = r.report()
+    assert set(rep) == {"magnitude", "magnitude#2"}
+    assert rep["magnitude"] != rep["magnitude#2"]

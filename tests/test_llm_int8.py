@@ -134,6 +134,38 @@ def test_bitsandbytes_checkpoint_reloads_identically(tmp_path, tiny_calib, tiny_
             assert torch.equal(reload()(input_ids=ids).logits, ref)
 
 
+def test_later_stages_and_dense_export_read_dequantized_weights(tmp_path, tiny_tok):
+    """An int8 layer's `weight` holds integer codes: stages after llm-int8 and `--export dense` must see the float
+    weight it represents (codes x row abs-max / 127), not the codes."""
+    from compress.formats.exporters import export
+    from compress.models import tiny_model
+    from compress.qlinear import linear_weight
+
+    model = tiny_model("llama", seed=0, layers=1)
+    w = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    q = Recipe.from_specs([{"method": "llm-int8", "report_outliers": False}]).run(model, RunContext(progress=False))
+    layer = q.model.layers[0].mlp.up_proj
+    assert layer.weight.dtype == torch.int8
+    deq = linear_weight(layer)
+    assert deq.dtype == torch.float32
+    step = w.abs().amax(1, keepdim=True) / 127
+    # within half an int8 step of every weight (bitsandbytes quantizes the float16 copy: its rounding on top)
+    assert ((deq - w).abs() <= 0.51 * step + 1e-3 * w.abs()).all()
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        ref = q(input_ids=ids).logits
+    path = export("dense", q, tiny_tok, tmp_path / "m")
+    dense = load_checkpoint(path)[0]
+    assert not any(p.dtype == torch.int8 for p in dense.parameters())
+    assert torch.equal(dense.model.layers[0].mlp.up_proj.weight, deq.to(dense.model.layers[0].mlp.up_proj.weight.dtype))
+    with torch.no_grad():  # float activations now: close to the int8 model, not equal
+        assert torch.allclose(dense(input_ids=ids).logits, ref, atol=0.05)
+    # a stage after llm-int8 quantizes the represented weight (RTN 8-bit of it stays within one more step)
+    q2 = Recipe.from_specs([{"method": "rtn", "bits": 8, "group_size": -1, "sym": True}]).run(q, RunContext(progress=False))
+    again = linear_weight(q2.model.layers[0].mlp.up_proj).float()
+    assert ((again - w).abs() <= 2 * step).all()
+
+
 def test_bad_threshold_is_a_one_line_error():
     from compress.registry import build_method
 

@@ -53,10 +53,17 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     """A copy of the model with every compressed linear replaced by a plain nn.Linear holding its float weight."""
     from . import compressed_modules, set_module
 
+    from ..nf4 import is_nf4_linear
+    from ..qlinear import linear_weight
+    from .bitsandbytes import int8_modules
+
     dense = copy.deepcopy(model)
-    for name, mod in compressed_modules(dense).items():
-        w = mod.dequantize_weight() if hasattr(mod, "dequantize_weight") else mod.weight
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=getattr(mod, "bias", None) is not None, dtype=w.dtype)
+    dtype = dense.get_input_embeddings().weight.dtype  # the model's float dtype
+    mods = {**compressed_modules(dense), **int8_modules(dense),
+            **{n: m for n, m in dense.named_modules() if is_nf4_linear(m)}}
+    for name, mod in mods.items():
+        w = linear_weight(mod).detach()
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=getattr(mod, "bias", None) is not None, dtype=dtype)
         lin.weight.data.copy_(w)
         if lin.bias is not None:
             lin.bias.data.copy_(mod.bias.data)
