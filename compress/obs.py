@@ -88,7 +88,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, rule: PruneRule
 def _prune_block(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep mask of a block: remove the int(numel * sparsity) smallest scores of the whole block (SparseGPT's
     unstructured selection compares every row and column of the block together)."""
-    k = int(scores.numel() * sparsity)
+    from .sparsity import n_pruned
+
+    k = n_pruned(scores.numel(), sparsity)
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
         keep[torch.topk(scores.flatten(), k, largest=False, sorted=False).indices] = False

@@ -25,6 +25,9 @@ from compress.sparsity import PruneConfig, PruningMethod, keep_mask, wanda_score
 log = logging.getLogger("compress")
 
 
+MAX_LAYER_SPARSITY = 0.99  # the --sparsity bound of every pruning method: no layer is removed whole
+
+
 @dataclass
 class OWLConfig(PruneConfig):
     outlier_m: float = option(5.0, "M: a Wanda score is an outlier when it exceeds M times its layer's mean score",
@@ -41,9 +44,10 @@ class OWLConfig(PruneConfig):
         super().check()
         if self.nm() is not None:
             raise ConfigError(f"--pattern {self.pattern} is not allowed for owl: its layer sparsities are unstructured")
-        if self.lam > min(self.target, 1 - self.target):
-            raise ConfigError(f"--lam {self.lam!r} is out of range for --sparsity {self.target:g}; allowed: "
-                              f"0..{min(self.target, 1 - self.target):g} (every layer sparsity must stay in 0..1)")
+        top = round(min(self.target, MAX_LAYER_SPARSITY - self.target), 6)
+        if self.lam > top:
+            raise ConfigError(f"--lam {self.lam!r} is out of range for --sparsity {self.target:g}; allowed: 0..{top:g} "
+                              f"(every layer sparsity must stay in 0..{MAX_LAYER_SPARSITY:g})")
 
 
 def outlier_ratio(scores: torch.Tensor, m: float) -> float:

@@ -283,6 +283,8 @@ def test_owl_sparsegpt_base(ids):
     ("sparsegpt", {"bits": 1}, "--bits 1 is out of range; allowed: 2..8"),
     ("owl", {"pattern": "2:4"}, "--pattern 2:4 is not allowed for owl"),
     ("owl", {"sparsity": 0.05}, "--lam 0.08 is out of range for --sparsity 0.05"),
+    ("owl", {"sparsity": 0.9, "lam": 0.1}, "--lam 0.1 is out of range for --sparsity 0.9; allowed: 0..0.09 "
+                                           "(every layer sparsity must stay in 0..0.99)"),
     ("owl", {"base": "magnitude"}, "--base 'magnitude' is not allowed; choose one of: wanda, sparsegpt"),
 ])
 def test_bad_options_one_clear_error(method, opts, message):
