@@ -7,7 +7,7 @@
 2. Estimation (Sec. 3.2): importance of every group from the loss gradient on a few calibration sequences,
    first-order Taylor |w * dL/dw| element-wise (eq. 4) or per member as a vector (eq. 3), optionally with the
    second-order term 1/2 w^2 F_kk where the diagonal Fisher F stands in for the Hessian (eq. 5); members aggregated by
-   sum, product, max or last. Structured magnitude (L2) and random scores are the baselines.
+   sum, product, max or last. Structured magnitude (L2 or L1 of the group) and random scores are the baselines.
 3. Recovery (Sec. 3.3): LoRA on every linear for a short budget, merged back into the pruned weights.
 
 The pruned model is physically smaller. --ratio is the share of the model's *total* parameter count removed: the
@@ -43,8 +43,8 @@ class LLMPrunerConfig(LoraOptions):
                           range=(0.01, 0.9))
     structure: str = option("block", "block: attention heads and MLP channels inside blocks; channel: hidden "
                             "(residual-stream) channels of the whole model", choices=("block", "channel"))
-    importance: str = option("taylor", "group importance: taylor (LLM-Pruner), magnitude (L2 of the group), random",
-                             choices=("taylor", "magnitude", "random"))
+    importance: str = option("taylor", "group importance: taylor (LLM-Pruner), magnitude (squared L2 of the group), "
+                             "magnitude-l1 (L1 of the group), random", choices=("taylor", "magnitude", "magnitude-l1", "random"))
     taylor: str = option("element1", "Taylor estimate: element1 (first order per weight, eq. 4), element2 (plus the "
                          "diagonal-Fisher second-order term, eq. 4-5), vector (first order per member, eq. 3)",
                          choices=("element1", "element2", "vector"))
@@ -132,6 +132,8 @@ class LLMPruner(Method):
             return None, "element"
         if c.importance == "magnitude":
             return (lambda name, p: p.detach().float() ** 2), "element"  # the group's squared L2 norm
+        if c.importance == "magnitude-l1":
+            return (lambda name, p: p.detach().float().abs()), "element"  # the group's L1 norm
         if ctx.calibration is None:
             raise CompressError("llm-pruner --importance taylor needs calibration data (--calib)")
         params = {}

@@ -112,6 +112,11 @@ def test_importance_decides_what_goes(tiny_calib):
     norms = ref.gate_proj.weight.pow(2).sum(1) + ref.up_proj.weight.pow(2).sum(1) + ref.down_proj.weight.pow(2).sum(0)
     keep = norms.argsort(descending=True)[: w[1].shape[1]].sort().values
     assert torch.equal(w[1], ref.down_proj.weight[:, keep])
+    # magnitude-l1: the largest group L1 norm
+    c, _ = _prune(tiny_model("llama", seed=0, layers=2), tiny_calib, ratio=0.3, uniform=True, importance="magnitude-l1")
+    l1 = ref.gate_proj.weight.abs().sum(1) + ref.up_proj.weight.abs().sum(1) + ref.down_proj.weight.abs().sum(0)
+    keep = l1.argsort(descending=True)[: w[1].shape[1]].sort().values
+    assert torch.equal(c.model.layers[1].mlp.down_proj.weight, ref.down_proj.weight[:, keep])
 
 
 def test_lora_recovery_runs_and_merges(tiny_calib, monkeypatch):
@@ -133,7 +138,7 @@ def test_lora_recovery_runs_and_merges(tiny_calib, monkeypatch):
     ({"uniform": True, "keep_first": 2}, "--keep-first 2 contradicts --uniform"),
     ({"structure": "channel", "keep_last": 1}, "--keep-last 1 does not apply to --structure channel"),
     ({"gqa": "both"}, "--gqa 'both' is not allowed; choose one of: kv, query"),
-    ({"importance": "l1"}, "--importance 'l1' is not allowed; choose one of: taylor, magnitude, random"),
+    ({"importance": "l1"}, "--importance 'l1' is not allowed; choose one of: taylor, magnitude, magnitude-l1, random"),
     ({"aggregation": "mean"}, "--aggregation 'mean' is not allowed; choose one of: sum, prod, max, last"),
 ])
 def test_bad_options_are_one_clear_error(opts, message):
