@@ -103,6 +103,8 @@ def _match(rec: dict) -> str | None:
     if len(names) != 1:
         return None
     m, c = names[0], cfgs[0]
+    if m == "magnitude" and c.get("scope", "layer") != "layer":  # the table's magnitude rows rank whole layers
+        return None
     if c.get("pattern", "unstructured") != "unstructured":
         return f"{m}-{c['pattern']}"
     s = int(round(100 * (c.get("sparsity") or 0.5)))
