@@ -271,7 +271,9 @@ def plot(points: list[Point], metric: str, axis: str, protocol_text: str, path: 
                    zorder=4)
     for p, x in zip(sized, xs(sized)):
         text = "fp" if p.method == "uncompressed" else _short_setting(p.setting, p.method)
-        ax.annotate(text, (x, p.value), textcoords="offset points", xytext=(6, 5), fontsize=7.5,
+        # front labels right of the point, dominated ones left of it: points of equal size do not print over each other
+        ax.annotate(text, (x, p.value), textcoords="offset points", xytext=(6, 5) if p.front else (-6, 5),
+                    ha="left" if p.front else "right", fontsize=7.5,
                     fontweight="bold" if p.front else "normal", color="black" if p.front else "dimgray")
     if axis == "bits":
         ax.set_xscale("log", base=2)
