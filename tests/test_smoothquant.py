@@ -149,7 +149,7 @@ def test_w8a8_checkpoint_reloads_identically(scheme, tmp_path, tiny_calib, tiny_
 
 
 @pytest.mark.parametrize("scheme", ["per-token", "per-tensor"])
-def test_compressed_tensors_export_loads_in_transformers(scheme, tmp_path, tiny_calib, tiny_tok):
+def test_compressed_tensors_export_loads_in_transformers(scheme, tmp_path, tiny_calib, tiny_tok, monkeypatch):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization import QuantizationConfig
     from transformers import AutoModelForCausalLM
@@ -171,6 +171,22 @@ def test_compressed_tensors_export_loads_in_transformers(scheme, tmp_path, tiny_
         theirs = ct(input_ids=ids).logits
         if scheme == "per-tensor":  # static scales: the same computation (theirs fake-quantized in float)
             assert torch.allclose(theirs, ours, atol=1e-4)
+        else:
+            # Dynamic per token, compressed-tensors' reference divides each token's abs-max by 127.5 (its bit range
+            # 255 / 2); we divide by 127 as vLLM's dynamic int8 kernel does (scale = absmax / 127.0f). That divisor
+            # is the whole difference, layer by layer: with it set to 127.5 each of our int8 layers computes theirs.
+            # (Whole-model logits are not compared: a 1e-6 float difference that flips one rounding in block 0
+            # grows through the blocks.)
+            import compress.int8 as int8
+
+            g = torch.Generator().manual_seed(3)
+            pairs = [(n, m, ct.get_submodule(n)) for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
+            assert len(pairs) == 14
+            for divisor, same in ((127, False), (127.5, True)):
+                monkeypatch.setattr(int8, "INT8_MAX", divisor)
+                for name, m, t in pairs:
+                    x = 3 * torch.randn(2, 5, m.in_features, generator=g)
+                    assert torch.allclose(m(x), t(x), atol=1e-4) == same, (name, divisor)
         for m in ct.modules():  # weights alone: identical to our de-quantized int8 weights
             m.quantization_enabled = False
         weights_only = ct(input_ids=ids).logits
