@@ -20,6 +20,7 @@ import torch
 from .hessian import inverse_cholesky, prepare_hessian
 from .config import option
 from .quant_grid import SCALE_DTYPE, QuantizedWeight, QuantSpec, WeightQuantConfig, find_params
+from .sparsity import n_pruned
 
 
 @contextlib.contextmanager
@@ -88,8 +89,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, rule: PruneRule
 def _prune_block(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep mask of a block: remove the int(numel * sparsity) smallest scores of the whole block (SparseGPT's
     unstructured selection compares every row and column of the block together)."""
-    from .sparsity import n_pruned
-
     k = n_pruned(scores.numel(), sparsity)
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
