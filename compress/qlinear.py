@@ -181,16 +181,21 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or getattr(module, "is_compress_linear", False)
 
 
+def int8_row_absmax(module: nn.Module) -> torch.Tensor | None:
+    """bitsandbytes LLM.int8() layers: the float32 row abs-max (SCB) of their int8 weight codes; it lives on the weight,
+    or on the layer's state once the layer has run. None for any other module."""
+    scb = getattr(getattr(module, "weight", None), "SCB", None)
+    scb = getattr(getattr(module, "state", None), "SCB", None) if scb is None else scb
+    return scb if isinstance(scb, torch.Tensor) else None
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (dequantized) float weight of any linear-like module, bitsandbytes int8 and 4-bit layers included (their
     `weight` holds integer codes)."""
     if isinstance(module, nn.Linear):
         w = module.weight
-        # LLM.int8() Int8Params: row codes x row abs-max / 127 (the first forward moves SCB to the module's state)
-        scb = getattr(w, "SCB", None)
-        if scb is None and getattr(module, "state", None) is not None:
-            scb = getattr(module.state, "SCB", None)
-        if w.dtype == torch.int8 and scb is not None:
+        scb = int8_row_absmax(module)
+        if w.dtype == torch.int8 and scb is not None:  # LLM.int8() Int8Params: row codes x row abs-max / 127
             return w.data.float() * (scb.float() / 127.0).unsqueeze(1)
         if getattr(w, "quant_state", None) is not None:  # bitsandbytes 4-bit (NF4/FP4)
             from .nf4 import nf4_dequantize

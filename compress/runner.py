@@ -91,12 +91,10 @@ def validate(spec: RunSpec):
         except re.error as e:
             raise ConfigError(f"--ignore {pat!r} is not a regular expression: {e}") from None
     if spec.exports:
-        from .formats.exporters import known_formats
+        from .formats.exporters import check_format
 
-        known = known_formats()
         for fmt in spec.exports:
-            if fmt not in known:
-                raise ConfigError(f"--export {fmt!r} is not a known format; known: {', '.join(known)}")
+            check_format(fmt)
         if recipe is not None and not spec.save:
             raise ConfigError(f"--export {', '.join(spec.exports)} needs a checkpoint; drop --no-save")
     resolve_device(spec.device)

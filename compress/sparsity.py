@@ -22,6 +22,7 @@ from .registry import Method
 log = logging.getLogger("compress")
 
 UNSTRUCTURED = "unstructured"
+MAX_SPARSITY = 0.99  # the largest --sparsity of any layer: no layer is removed whole
 
 
 def n_pruned(count: int, sparsity: float) -> int:
@@ -92,7 +93,7 @@ def is_nm(keep: torch.Tensor, n: int, m: int) -> bool:
 @dataclass
 class PruneConfig(MethodConfig):
     sparsity: float | None = option(None, "fraction of each layer's weights to remove (default 0.5; with --pattern N:M it "
-                                          "is 1 - N/M)", range=(0.0, 0.99))
+                                          "is 1 - N/M)", range=(0.0, MAX_SPARSITY))
     pattern: str = option(UNSTRUCTURED, "sparsity pattern: unstructured, or N:M (keep N of every M consecutive input "
                                         "weights of each row, e.g. 2:4, 4:8)")
 

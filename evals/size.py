@@ -10,7 +10,7 @@ import torch.nn as nn
 from compress.arch import find_blocks
 from compress.models import count_parameters
 from compress.nf4 import is_nf4_linear, nf4_state_bytes, nf4_storage_bits
-from compress.qlinear import is_linear_like
+from compress.qlinear import int8_row_absmax, is_linear_like
 
 
 def _dtype_bits(t: torch.Tensor) -> int:
@@ -25,10 +25,8 @@ def storage_bits(module: nn.Module) -> int:
     if is_nf4_linear(module):
         return nf4_storage_bits(module)
     bits = module.weight.numel() * _dtype_bits(module.weight)
-    # bitsandbytes int8 (LLM.int8()): the float32 row abs-max SCB lives on the weight, or on the layer's state once used
-    scb = getattr(module.weight, "SCB", None)
-    scb = getattr(getattr(module, "state", None), "SCB", None) if scb is None else scb
-    return bits + (scb.numel() * 32 if isinstance(scb, torch.Tensor) else 0)
+    scb = int8_row_absmax(module)  # bitsandbytes int8 (LLM.int8()): a float32 row abs-max per output row
+    return bits + (scb.numel() * 32 if scb is not None else 0)
 
 
 def _adapter_modules(blocks) -> set[int]:

@@ -20,12 +20,9 @@ from compress.errors import ConfigError
 from compress.obs import PruneRule, sparsegpt_prune
 from compress.qlinear import linear_weight
 from compress.registry import Needs, register
-from compress.sparsity import PruneConfig, PruningMethod, keep_mask, wanda_scores
+from compress.sparsity import MAX_SPARSITY, PruneConfig, PruningMethod, keep_mask, wanda_scores
 
 log = logging.getLogger("compress")
-
-
-MAX_LAYER_SPARSITY = 0.99  # the --sparsity bound of every pruning method: no layer is removed whole
 
 
 @dataclass
@@ -44,10 +41,10 @@ class OWLConfig(PruneConfig):
         super().check()
         if self.nm() is not None:
             raise ConfigError(f"--pattern {self.pattern} is not allowed for owl: its layer sparsities are unstructured")
-        top = round(min(self.target, MAX_LAYER_SPARSITY - self.target), 6)
+        top = round(min(self.target, MAX_SPARSITY - self.target), 6)
         if self.lam > top:
             raise ConfigError(f"--lam {self.lam!r} is out of range for --sparsity {self.target:g}; allowed: 0..{top:g} "
-                              f"(every layer sparsity must stay in 0..{MAX_LAYER_SPARSITY:g})")
+                              f"(every layer sparsity must stay in 0..{MAX_SPARSITY:g})")
 
 
 def outlier_ratio(scores: torch.Tensor, m: float) -> float:

@@ -34,12 +34,14 @@ def known_formats() -> list[str]:
     return sorted(set(EXPORTERS) | set(SPECIFIC_EXPORTERS))
 
 
-def export(fmt: str, model: nn.Module, tokenizer: Any, output: str | Path, *, overwrite: bool = False) -> Path:
-    from . import load_plugins
+def check_format(fmt: str) -> None:
+    known = known_formats()
+    if fmt not in known:
+        raise ConfigError(f"--export {fmt!r} is not a known format; known: {', '.join(known)}")
 
-    load_plugins()  # format modules register their exporters on import
-    if fmt not in EXPORTERS and fmt not in SPECIFIC_EXPORTERS:
-        raise ConfigError(f"--export {fmt!r} is not a known format; known: {', '.join(known_formats())}")
+
+def export(fmt: str, model: nn.Module, tokenizer: Any, output: str | Path, *, overwrite: bool = False) -> Path:
+    check_format(fmt)
     target = Path(f"{output}-{fmt}")
     for handles, fn in SPECIFIC_EXPORTERS.get(fmt, []):
         if handles(model):
