@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from compress.data import get_calibration
+from compress.sources.data import get_calibration
 from compress.evals.perplexity import perplexity
-from compress.finetune import sparsity, zero_masks
-from compress.layer_drop import block_influence, drop_blocks, importance_keep, uniform_keep
-from compress.models import load_model
-from compress.recipe import Recipe, RunContext
-from compress.registry import Method, Needs, all_methods, build_method
+from compress.train.finetune import sparsity, zero_masks
+from compress.train.layer_drop import block_influence, drop_blocks, importance_keep, uniform_keep
+from compress.sources.models import load_model
+from compress.pipeline.recipe import Recipe, RunContext
+from compress.pipeline.method import Method, Needs, all_methods, build_method
 
 
 class RowMagnitude(Method):
@@ -39,7 +39,7 @@ class RowMagnitude(Method):
         self.sparsity = sparsity
 
     def apply(self, model, ctx):
-        from compress.arch import find_blocks
+        from compress.model.arch import find_blocks
 
         _, blocks = find_blocks(model)
         with torch.no_grad():

@@ -10,8 +10,8 @@ import copy
 
 from compress.evals.efficiency import kernel_report, measure_speed
 from compress.evals.size import model_size
-from compress.models import load_model
-from compress.recipe import Recipe, RunContext
+from compress.sources.models import load_model
+from compress.pipeline.recipe import Recipe, RunContext
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Fake-quantization cost per training step: the fused autograd function (compress.fake_quant._FakeQuant) against
+"""Fake-quantization cost per training step: the fused autograd function (compress.train.fake_quant._FakeQuant) against
 the same expression composed from torch ops (ste_fake_quantize on gathered per-column scales), and against the
 plain bf16 matmul it feeds, measured side by side on SmolLM2-135M-sized linears (3-bit, group 128).
 
@@ -12,8 +12,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from compress.fake_quant import GroupLayout, _FakeQuant, ste_fake_quantize, stored_scale_ste
-from compress.quant_grid import QuantSpec, rtn_quantize
+from compress.train.fake_quant import GroupLayout, _FakeQuant, ste_fake_quantize, stored_scale_ste
+from compress.kernels.quant_grid import QuantSpec, rtn_quantize
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down of one SmolLM2 block
 

@@ -1,7 +1,7 @@
 """This project's GPTQ against llm-compressor's GPTQ, side by side in one run, on the offline SmolLM2-135M.
 
 Both tools get the very same calibration samples (128 x 512 tokens of the data kit's WikiText-2 validation text,
-seed 0, drawn by compress.data) and the same grid (bits, group size, symmetric or not); both quantized models are
+seed 0, drawn by compress.sources.data) and the same grid (bits, group size, symmetric or not); both quantized models are
 then measured by the same perplexity code (WikiText-2 test, seqlen 2048; --eval picks the raw or the tokenized v1
 text, --eval-windows caps the windows). Wall time is that of the compression call alone: compress's Recipe.run and
 llm-compressor's oneshot(), each with its library defaults (ours: act-order with static groups, dampening 0.01,
@@ -52,10 +52,11 @@ def peer_python(venv: Path) -> Path:
 
 
 def main() -> None:
-    from compress.data import get_calibration
+    from compress.sources.data import get_calibration
     from compress.evals.perplexity import perplexity
-    from compress.models import cache_dir, load_model
-    from compress.recipe import Recipe, RunContext
+    from compress.core.paths import cache_dir
+    from compress.sources.models import load_model
+    from compress.pipeline.recipe import Recipe, RunContext
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", default="64,-1", help="group sizes, comma-separated (-1: per channel)")

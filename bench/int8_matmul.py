@@ -3,7 +3,7 @@
 For each layer shape (in -> out) and token count M, measured side by side in one run (interleaved rounds, median):
   int8 _int_mm    torch._int_mm(x_int8 [M, K], W_int8^T) with W stored [out, in] as the checkpoints hold it
   int8 _int_mm Kn the same with W pre-transposed to a contiguous [in, out] copy
-  int8 fallback   compress.int8's exact fallback (float32 matmuls over <=1024-column chunks, int32 sums)
+  int8 fallback   compress.layers.w8a8_linear's exact fallback (float32 matmuls over <=1024-column chunks, int32 sums)
   fp32, bf16      x @ W^T in float32 / bfloat16
   W8A8Linear      the whole layer: per-token int8 quantization of x, int8 matmul, rescale (bf16 in and out)
 and the ratios float time / int8 time (> 1: int8 faster). Usage: python bench/int8_matmul.py [--tokens 1,16,128,512]
@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from compress.int8 import W8A8Linear, int8_matmul_fallback, int_mm_supported
+from compress.layers.w8a8_linear import W8A8Linear
+from compress.kernels.int8 import int8_matmul_fallback, int_mm_supported
 
 SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (576, 192), "gate/up_proj": (576, 1536), "down_proj": (1536, 576)}
 

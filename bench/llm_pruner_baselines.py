@@ -14,10 +14,10 @@ import time
 
 
 def main() -> None:
-    from compress.data import get_calibration
+    from compress.sources.data import get_calibration
     from compress.evals.perplexity import perplexity
-    from compress.models import load_model
-    from compress.recipe import Recipe, RunContext
+    from compress.sources.models import load_model
+    from compress.pipeline.recipe import Recipe, RunContext
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ratio", type=float, default=0.2)

@@ -42,8 +42,9 @@ def main() -> None:
 
     import transformers
 
-    from compress.models import count_parameters, load_model
-    from compress.recipe import Recipe, RunContext
+    from compress.layers.weights import count_parameters
+    from compress.sources.models import load_model
+    from compress.pipeline.recipe import Recipe, RunContext
 
     transformers.logging.set_verbosity_error()
     if args.threads:

@@ -1,4 +1,4 @@
-"""The `compress` command line (click). Verbs only: the work happens in compress.runner and the methods.
+"""The `compress` command line (click). Verbs only: the work happens in compress.run.runner and the methods.
 
 Each compression verb gets the options shared by every run plus the options of the methods of its family, read from
 the methods' typed configs; an option the chosen method does not have is an error that lists the ones it has.
@@ -13,46 +13,12 @@ from typing import Any, Callable
 
 import click
 
-from .config import _base_type, flag_name
-from .errors import CompressError
+from compress.core.config import _base_type, flag_name
+from compress.core.errors import CompressError
+from compress.run.console import _console, _fail, _setup_logging
 
 log = logging.getLogger("compress")
 _RUN_OPTION_NAMES: set[str] = set()
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    from rich.logging import RichHandler
-
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    handler = RichHandler(show_time=False, show_path=False, markup=False, rich_tracebacks=False)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
-    logging.getLogger("compress").setLevel(level)
-    for noisy in ("transformers", "datasets", "urllib3", "filelock", "httpx", "huggingface_hub", "bitsandbytes"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
-def _console():
-    from rich.console import Console
-
-    import shutil
-
-    width = shutil.get_terminal_size((140, 40)).columns if sys.stdout.isatty() else 140
-    return Console(stderr=False, width=width)
-
-
-def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,7 +68,7 @@ def _click_type(tp: Any):
 
 def method_options(family: str | tuple[str, ...]) -> Callable[[Callable], Callable]:
     """Add the union of the options of every method of `family` (each defaulting to 'not given')."""
-    from .registry import all_methods
+    from compress.pipeline.method import all_methods
 
     families = (family,) if isinstance(family, str) else family
 
@@ -157,7 +123,7 @@ def _windows(value: str | None) -> int | None:
 
 
 def spec_from_cli(kind: str, stages: list[dict[str, Any]], kw: dict[str, Any], **extra):
-    from .runner import RunSpec
+    from compress.run.runner import RunSpec
 
     return RunSpec(
         kind=kind, stages=stages, model=kw["model"], dtype=kw["dtype"], device=kw["device"], calib=kw["calib"],
@@ -170,14 +136,14 @@ def spec_from_cli(kind: str, stages: list[dict[str, Any]], kw: dict[str, Any], *
 
 
 def _run_method_verb(kind: str, family: str | tuple[str, ...], method: str, kw: dict[str, Any], **extra) -> None:
-    from .registry import get_method
-    from .runner import execute
+    from compress.pipeline.method import get_method
+    from compress.run.runner import execute
 
     try:
         cls = get_method(method)
         fams = (family,) if isinstance(family, str) else family
         if cls.family not in fams:
-            from .registry import all_methods
+            from compress.pipeline.method import all_methods
 
             same = [n for n, c in all_methods().items() if c.family in fams]
             raise CompressError(f"method {method!r} is a {cls.family} method; `compress {kind}` takes: {', '.join(same)}")
@@ -207,7 +173,7 @@ def methods_cmd(family: str | None) -> None:
     """List the registered methods with family, summary and what they need."""
     from rich.table import Table
 
-    from .registry import FAMILIES, all_methods
+    from compress.pipeline.method import FAMILIES, all_methods
 
     if family and family not in FAMILIES:
         _fail(CompressError(f"--family {family!r} is not one of: {', '.join(FAMILIES)}"))
@@ -266,8 +232,8 @@ def recipe_cmd(recipe_file: str, **kw) -> None:
     calib, nsamples, ...) apply unless given on the command line."""
     import yaml
 
-    from .recipe import Recipe
-    from .runner import execute
+    from compress.pipeline.recipe import Recipe
+    from compress.run.runner import execute
 
     try:
         Recipe.from_yaml(recipe_file)  # validates stages
@@ -306,7 +272,7 @@ def recipe_cmd(recipe_file: str, **kw) -> None:
 @click.option("--no-progress", is_flag=True)
 def eval_cmd(**kw) -> None:
     """Evaluate a model or a checkpoint folder: perplexity, zero-shot tasks, size."""
-    from .runner import RunSpec, execute
+    from compress.run.runner import RunSpec, execute
 
     try:
         spec = RunSpec(kind="eval", model=kw["model"], dtype=kw["dtype"], device=kw["device"], data_dir=kw["data_dir"],
@@ -322,7 +288,7 @@ def _register_extra_commands() -> None:
     """Verbs contributed by other modules (report, grid), if present."""
     import importlib
 
-    for mod in ("compress.evals.report", "compress.grid"):
+    for mod in ("compress.run.report", "compress.run.grid"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

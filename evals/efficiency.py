@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.errors import ConfigError
+from compress.core.errors import ConfigError
 
 log = logging.getLogger("compress")
 
@@ -41,7 +41,7 @@ KNOWN_KERNELS = {
 def kernel_report(model: nn.Module) -> dict[str, Any]:
     """Count linear layers by how they compute. `quantized_kernels` is True only if every compressed layer runs
     integer (or other low-precision) kernels; False if any dequantizes on the fly; None if nothing is compressed."""
-    from compress.qlinear import is_linear_like
+    from compress.model.surgery import is_linear_like
 
     kinds: Counter[str] = Counter()
     for mod in model.modules():

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from compress.errors import ConfigError, DataError
+from compress.core.errors import ConfigError, DataError
 
 log = logging.getLogger("compress")
 
@@ -73,7 +73,7 @@ def missing_data(task: str, data_dir: Path | None) -> str | None:
 
 def split_tasks(tasks: list[str], data_dir: Path | None, *, hub: bool | None = None) -> tuple[list[str], list[str]]:
     """(offline tasks, lm-eval's own tasks). Raises DataError for a task that can run neither way."""
-    from compress.data import hub_reachable
+    from compress.sources.data import hub_reachable
 
     shipped = offline_tasks()
     local, online, errors = [], [], []
@@ -105,7 +105,7 @@ def split_tasks(tasks: list[str], data_dir: Path | None, *, hub: bool | None = N
 
 def materialize(tasks: list[str], data_dir: Path) -> Path:
     """Write the task YAMLs with the data directory filled in to a cache folder (atomically); return the folder."""
-    from compress.models import cache_dir
+    from compress.core.paths import cache_dir
 
     data_dir = Path(data_dir).resolve()
     sources = [offline_tasks()[t] for t in sorted(tasks)] + [TASK_DIR / "taskfns.py"]
@@ -219,7 +219,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from compress.results import cached_baseline, remember_baseline
+    from compress.evals.baselines import cached_baseline, remember_baseline
 
     tasks = [t.strip() for t in tasks if t and t.strip()]
     if not tasks:
@@ -228,7 +228,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit
         raise ConfigError(f"--limit {limit!r} is out of range; allowed: >= 1 items per task")
     if batch_size < 1:
         raise ConfigError(f"task batch size {batch_size!r} is out of range; allowed: >= 1")
-    from compress.data import resolve_data_dir
+    from compress.sources.data import resolve_data_dir
 
     ddir = resolve_data_dir(data_dir)
     local, online = split_tasks(tasks, ddir)

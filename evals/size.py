@@ -7,10 +7,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.arch import find_blocks
-from compress.models import count_parameters
-from compress.nf4 import is_nf4_linear, nf4_state_bytes, nf4_storage_bits
-from compress.qlinear import int8_row_absmax, is_linear_like
+from compress.model.arch import find_blocks
+from compress.layers.weights import count_parameters
+from compress.layers.nf4 import is_nf4_linear, nf4_state_bytes, nf4_storage_bits
+from compress.layers.weights import int8_row_absmax
+from compress.model.surgery import is_linear_like
 
 
 def _dtype_bits(t: torch.Tensor) -> int:
@@ -19,7 +20,7 @@ def _dtype_bits(t: torch.Tensor) -> int:
 
 def storage_bits(module: nn.Module) -> int:
     """Bits a linear layer's weight takes in storage (compressed modules say so themselves; bitsandbytes NF4 layers
-    are counted by compress.nf4)."""
+    are counted by compress.layers.nf4)."""
     if hasattr(module, "storage_bits"):
         return int(module.storage_bits())
     if is_nf4_linear(module):

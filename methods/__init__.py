@@ -1,1 +1,1 @@
-"""Compression methods: one file per method, each registered by name (see compress.registry)."""
+"""Compression methods: one file per method, each registered by name (see compress.pipeline.method)."""

@@ -4,11 +4,11 @@ MiniLLM/DistilBERT-style setups): the student minimises
     kd_weight * T^2 KL(softmax(z_teacher / T) || softmax(z_student / T))  +  (1 - kd_weight) * CE(z_student, next token)
     (+ hidden_weight * MSE(final hidden states), the optional hidden-state matching)
 
-over training windows of the calibration source (compress.trainer.distillation_loss, the shared Trainer).
+over training windows of the calibration source (compress.train.trainer.distillation_loss, the shared Trainer).
 
 The student is the model this stage receives: in `compress distill` the --model itself, in a recipe the output of
 the earlier stages (a pruned model: "KD recovery"). `--student-layers K` first drops it to K decoder blocks
-(compress.layer_drop: evenly spread, or the K with the highest Block Influence on the calibration data). The
+(compress.train.layer_drop: evenly spread, or the K with the highest Block Influence on the calibration data). The
 teacher is --teacher, or in a recipe the uncompressed model the run started from. Every parameter of the student's
 decoder blocks is trained (embeddings and head stay frozen); weights that are exactly zero when training starts
 (a pruned student's masks) stay zero, so a pruned model keeps its sparsity.
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import option
-from compress.errors import ConfigError
-from compress.registry import Method, Needs, register
-from compress.trainer import TrainConfig
+from compress.core.config import option
+from compress.core.errors import ConfigError
+from compress.pipeline.method import Method, Needs, register
+from compress.train.trainer import TrainConfig
 
 
 @dataclass
@@ -52,10 +52,11 @@ class Distill(Method):
     def apply(self, model, ctx):
         import torch
 
-        from compress.arch import find_blocks
-        from compress.finetune import keep_zeros_in_training, require_float_linears, sparsity, zero_masks
-        from compress.layer_drop import block_influence, drop_blocks, importance_keep, uniform_keep
-        from compress.trainer import Trainer, distillation_loss, lm_loss, training_data
+        from compress.model.arch import find_blocks
+        from compress.train.finetune import keep_zeros_in_training, require_float_linears, sparsity, zero_masks
+        from compress.train.layer_drop import block_influence, drop_blocks, importance_keep, uniform_keep
+        from compress.train.trainer import Trainer, distillation_loss, training_data
+        from compress.kernels.losses import lm_loss
 
         c = self.config
         teacher = ctx.teacher_model()

@@ -1,7 +1,7 @@
 """GPTQ / OPTQ (Frantar et al. 2022, arXiv 2210.17323): one-shot weight quantization with second-order error feedback.
 
 Per linear layer: H = 2 X^T X from the engine's hooks, dampened by `damp` x mean(diag H), the upper Cholesky factor
-of H^-1, then the column sweep of compress.obs.gptq_quantize (lazy batches of `block_size` columns). Options:
+of H^-1, then the column sweep of compress.kernels.obs.gptq_quantize (lazy batches of `block_size` columns). Options:
 act-order (desc_act: columns by decreasing H_jj), static groups, true-sequential order inside a block.
 A layer already pruned (stored sparse, e.g. by Wanda in the same recipe) keeps its mask: error feedback never refills
 pruned weights (SparseGPT's fixed-mask sweep, arXiv 2301.00774); --mask-zeros does the same for exact zeros of any weight.
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import option
-from compress.obs import GPTQSweepConfig, gptq_quantize
-from compress.qlinear import QuantLinear, linear_weight
-from compress.registry import Method, Needs, register
-from compress.sparse_linear import SparseQuantLinear, sparse_keep_mask
+from compress.core.config import option
+from compress.kernels.obs import GPTQSweepConfig, gptq_quantize
+from compress.layers.quant_linear import QuantLinear
+from compress.layers.weights import linear_weight
+from compress.pipeline.method import Method, Needs, register
+from compress.layers.sparse_linear import SparseQuantLinear, sparse_keep_mask
 
 
 @dataclass

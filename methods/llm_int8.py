@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.config import MethodConfig, option
+from compress.core.config import MethodConfig, option
 from compress.formats.bitsandbytes import load_bitsandbytes
-from compress.qlinear import linear_weight
-from compress.registry import Method, Needs, register
+from compress.layers.weights import linear_weight
+from compress.pipeline.method import Method, Needs, register
 
 log = logging.getLogger("compress")
 

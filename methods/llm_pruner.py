@@ -1,6 +1,6 @@
 """LLM-Pruner (Ma et al. 2023, arXiv 2305.11627): structural pruning of a decoder model in three stages.
 
-1. Discovery (Sec. 3.1): the dependency groups of every block, from its traced data flow (compress.structured): an
+1. Discovery (Sec. 3.1): the dependency groups of every block, from its traced data flow (compress.sparse.structured): an
    attention head group couples rows of q/k/v with columns of o (under grouped-query attention: a KV head with its
    query heads, or query heads only, equally in every KV group: --gqa), an MLP channel couples a row of gate/up
    (OPT: fc1) with a column of down (fc2); the channel strategy couples one hidden channel across the whole model.
@@ -22,15 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.config import option
-from compress.errors import CompressError, ConfigError
-from compress.lora import LoraOptions, lora_finetune
-from compress.models import count_parameters
-from compress.registry import Method, Needs, register
-from compress.structured import (AGGREGATIONS, aggregate, allocate, attention_coupled, check_hidden_separable,
-                                 choose_keep, config_updates, describe_config, discover, heads_after, hidden_coupled,
-                                 layer_shapes, lm_gradients, mlp_coupled, remove_units, unit_scores)
-from compress.trainer import TrainConfig, training_data
+from compress.core.config import option
+from compress.core.errors import CompressError, ConfigError
+from compress.train.lora import LoraOptions, lora_finetune
+from compress.layers.weights import count_parameters
+from compress.pipeline.method import Method, Needs, register
+from compress.sparse.structured import (AGGREGATIONS, aggregate, allocate, attention_coupled, check_hidden_separable,
+    choose_keep, config_updates, describe_config, discover, heads_after, hidden_coupled, layer_shapes, lm_gradients,
+    mlp_coupled, remove_units, unit_scores)
+from compress.train.trainer import TrainConfig, training_data
 
 log = logging.getLogger("compress")
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import option
-from compress.fake_quant import (SCALE_MODES, QuantTrainConfig, frozen_copy, run_quant_training, training_sequences,
-                                 with_calibration)
-from compress.registry import Method, Needs, register
-from compress.trainer import distillation_loss
+from compress.core.config import option
+from compress.train.fake_quant import (SCALE_MODES, QuantTrainConfig, frozen_copy, run_quant_training,
+    training_sequences, with_calibration)
+from compress.pipeline.method import Method, Needs, register
+from compress.train.trainer import distillation_loss
 
 
 @dataclass

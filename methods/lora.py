@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from compress.config import option
-from compress.errors import ConfigError
-from compress.finetune import (InstructionOptions, finetune_data, require_float_linears, reapply_zeros, sparsity, train_adapters,
-                               zero_masks)
-from compress.lora import LoraOptions, add_lora, merge_lora
-from compress.registry import Method, Needs, register
-from compress.trainer import TrainConfig
+from compress.core.config import option
+from compress.core.errors import ConfigError
+from compress.train.finetune import (InstructionOptions, finetune_data, require_float_linears, reapply_zeros,
+    sparsity, train_adapters, zero_masks)
+from compress.train.lora import LoraOptions, add_lora, merge_lora
+from compress.pipeline.method import Method, Needs, register
+from compress.train.trainer import TrainConfig
 
 
 @dataclass
@@ -47,7 +47,8 @@ class LoraRecovery(Method):
         return f"r{c.lora_r} {c.steps} steps" + (f" kd {c.kd_weight:g}" if c.kd_weight else "")
 
     def apply(self, model, ctx):
-        from compress.trainer import distillation_loss, lm_loss
+        from compress.train.trainer import distillation_loss
+        from compress.kernels.losses import lm_loss
 
         c = self.config
         require_float_linears(model, "lora", "put lora before quantization, or use qlora (adapters on an NF4 base)")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import option
-from compress.qlinear import linear_weight
-from compress.registry import Needs, register
-from compress.sparsity import PruneConfig, PruningMethod, keep_mask
+from compress.core.config import option
+from compress.layers.weights import linear_weight
+from compress.pipeline.method import Needs, register
+from compress.sparse.pruning import PruneConfig, PruningMethod
+from compress.kernels.masks import keep_mask
 
 
 @dataclass

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.config import option
-from compress.errors import ConfigError
-from compress.obs import PruneRule, sparsegpt_prune
-from compress.qlinear import linear_weight
-from compress.registry import Needs, register
-from compress.sparsity import MAX_SPARSITY, PruneConfig, PruningMethod, keep_mask, wanda_scores
+from compress.core.config import option
+from compress.core.errors import ConfigError
+from compress.kernels.obs import PruneRule, sparsegpt_prune
+from compress.layers.weights import linear_weight
+from compress.pipeline.method import Needs, register
+from compress.kernels.masks import MAX_SPARSITY, keep_mask, wanda_scores
+from compress.sparse.pruning import PruneConfig, PruningMethod
 
 log = logging.getLogger("compress")
 

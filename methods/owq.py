@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.config import option
-from compress.errors import ConfigError
-from compress.obs import GPTQSweepConfig, gptq_quantize
-from compress.qlinear import OWQLinear, QuantLinear, linear_weight
-from compress.quant_grid import QuantSpec, packed_words, rtn_quantize
-from compress.registry import Method, Needs, register
+from compress.core.config import option
+from compress.core.errors import ConfigError
+from compress.kernels.obs import GPTQSweepConfig, gptq_quantize
+from compress.layers.quant_linear import OWQLinear, QuantLinear
+from compress.layers.weights import linear_weight
+from compress.kernels.quant_grid import QuantSpec, packed_words, rtn_quantize
+from compress.pipeline.method import Method, Needs, register
 
 WEAK_VALUE_BITS = 16  # float16 weak columns
 WEAK_INDEX_BITS = 32  # int32 column index

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import option
-from compress.errors import CompressError
-from compress.fake_quant import QuantTrainConfig, run_quant_training, training_sequences
-from compress.registry import Method, Needs, register
+from compress.core.config import option
+from compress.core.errors import CompressError
+from compress.train.fake_quant import QuantTrainConfig, run_quant_training, training_sequences
+from compress.pipeline.method import Method, Needs, register
 
 
 @dataclass

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import option
-from compress.fake_quant import SCALE_MODES, QuantTrainConfig, run_quant_training, training_sequences
-from compress.registry import Method, Needs, register
+from compress.core.config import option
+from compress.train.fake_quant import SCALE_MODES, QuantTrainConfig, run_quant_training, training_sequences
+from compress.pipeline.method import Method, Needs, register
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 1. Every linear of the decoder blocks becomes NF4 (Sec. 3: the NF4 code book, blocks of 64 weights each scaled by
    its absmax) with double quantization of those absmax constants (8-bit, blocks of 256: 4.127 bits per weight),
-   held by bitsandbytes' Linear4bit (compress.nf4).
+   held by bitsandbytes' Linear4bit (compress.layers.nf4).
 2. LoRA adapters (Hu et al. 2021: W x + (alpha/r) B A x, B = 0 at the start) on the block linears (peft,
-   compress.lora), trained in bfloat16 autocast with float32 master weights; the NF4 base stays frozen and gradients
+   compress.train.lora), trained in bfloat16 autocast with float32 master weights; the NF4 base stays frozen and gradients
    flow through its dequantized weight (Sec. 3, Eq. 5-6).
 3. Data: instructions ({instruction, input, output}, only the response learned) or plain LM text
-   (compress.finetune); the held-out loss is measured before and after training.
+   (compress.train.finetune); the held-out loss is measured before and after training.
 
 The run's checkpoint holds the NF4 base in bitsandbytes' 4-bit serialization (transformers loads it) plus the peft
 adapter in `adapter/`; `--merge dense` instead folds the adapters into de-quantized float weights (a plain dense
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import option
-from compress.errors import ConfigError
-from compress.finetune import InstructionOptions, finetune_data, require_float_linears, train_adapters
-from compress.lora import LoraOptions, add_lora, merge_lora
-from compress.nf4 import NF4_BLOCK_SIZES, is_nf4_linear, nf4_dequantize, quantize_model_nf4, use_reference_kernel
-from compress.registry import Method, Needs, register
-from compress.trainer import TrainConfig
+from compress.core.config import option
+from compress.core.errors import ConfigError
+from compress.train.finetune import InstructionOptions, finetune_data, require_float_linears, train_adapters
+from compress.train.lora import LoraOptions, add_lora, merge_lora
+from compress.layers.nf4 import NF4_BLOCK_SIZES, is_nf4_linear, nf4_dequantize, quantize_model_nf4, use_reference_kernel
+from compress.pipeline.method import Method, Needs, register
+from compress.train.trainer import TrainConfig
 
 
 @dataclass
@@ -94,7 +94,7 @@ def merge_dense(peft_model):
     import torch
     import torch.nn as nn
 
-    from compress.formats import set_module
+    from compress.model.surgery import set_module
 
     base = peft_model.get_base_model()
     deltas = {name: mod.get_delta_weight("default").float() for name, mod in base.named_modules()

@@ -1,15 +1,16 @@
 """RTN: round-to-nearest weight quantization, the baseline every other quantizer is measured against.
 
-Per output channel or per group of input columns, symmetric or asymmetric min/max grid (compress.quant_grid);
+Per output channel or per group of input columns, symmetric or asymmetric min/max grid (compress.kernels.quant_grid);
 no calibration data, no weight update: w_hat = s * (clamp(round(w / s) + z, 0, 2^b - 1) - z).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.qlinear import QuantLinear, linear_weight
-from compress.quant_grid import WeightQuantConfig, rtn_quantize
-from compress.registry import Method, Needs, register
+from compress.layers.quant_linear import QuantLinear
+from compress.layers.weights import linear_weight
+from compress.kernels.quant_grid import WeightQuantConfig, rtn_quantize
+from compress.pipeline.method import Method, Needs, register
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Per block, in one calibration pass: the per-input-channel activation abs-max of every linear (engine statistic
 `input_absmax`); for each group of linears fed by a normalization (q/k/v, gate/up), s_j = max|X_j|^alpha /
-max|W_j|^(1-alpha) folded into the norm (1/s) and the linears (s) by compress.smoothing (eq. 3-4); then every target
-linear becomes a compress.int8.W8A8Linear: int8 weights per output channel, int8 activations per token (dynamic) or
+max|W_j|^(1-alpha) folded into the norm (1/s) and the linears (s) by compress.quant.smoothing (eq. 3-4); then every target
+linear becomes a compress.layers.w8a8_linear.W8A8Linear: int8 weights per output channel, int8 activations per token (dynamic) or
 per tensor (static: max|X|/127 over the calibration set, of the smoothed input), int8 x int8 -> int32 matmul.
 `--smooth-only` stops after the smoothing, so that GPTQ/RTN can follow in the same engine pass (a recipe);
 `--no-smooth` is the paper's plain W8A8 baseline.
@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from compress.config import MethodConfig, option
-from compress.errors import ConfigError
-from compress.int8 import ACT_SCHEMES, W8A8Linear
-from compress.qlinear import linear_weight
-from compress.registry import Method, Needs, register
-from compress.smoothing import smooth_block, smoothable_groups
+from compress.core.config import MethodConfig, option
+from compress.core.errors import ConfigError
+from compress.layers.w8a8_linear import ACT_SCHEMES, W8A8Linear
+from compress.layers.weights import linear_weight
+from compress.pipeline.method import Method, Needs, register
+from compress.quant.smoothing import smooth_block, smoothable_groups
 
 log = logging.getLogger("compress")
 

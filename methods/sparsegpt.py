@@ -1,7 +1,7 @@
 """SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774): one-shot pruning with OBS weight reconstruction.
 
 Per linear layer: H = 2 X^T X from the engine's hooks, dampened, the upper Cholesky factor of H^-1 (shared with GPTQ,
-compress.hessian), then the column sweep of compress.obs (Algorithm 1): at the start of every block of `block_size`
+compress.kernels.hessian), then the column sweep of compress.kernels.obs (Algorithm 1): at the start of every block of `block_size`
 columns the mask removes the weights of smallest w_c^2 / [H^-1]_cc^2 in that block (N:M: the M-N smallest of every M
 columns of each row), and each pruned weight's error is spread over the columns not yet processed. With --bits the
 kept weights are quantized in the same sweep (Sec. 3.5, joint sparsification and quantization, e.g. 50% + 4-bit).
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import option
-from compress.errors import ConfigError
-from compress.obs import PruneRule, sparsegpt_prune
-from compress.qlinear import linear_weight
-from compress.quant_grid import WeightQuantConfig
-from compress.registry import Needs, register
-from compress.sparse_linear import SparseQuantLinear
-from compress.sparsity import PruneConfig, PruningMethod
+from compress.core.config import option
+from compress.core.errors import ConfigError
+from compress.kernels.obs import PruneRule, sparsegpt_prune
+from compress.layers.weights import linear_weight
+from compress.kernels.quant_grid import WeightQuantConfig
+from compress.pipeline.method import Needs, register
+from compress.layers.sparse_linear import SparseQuantLinear
+from compress.sparse.pruning import PruneConfig, PruningMethod
 
 
 @dataclass

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.qlinear import linear_weight
-from compress.registry import Needs, register
-from compress.sparsity import PruneConfig, PruningMethod, keep_mask, wanda_scores
+from compress.layers.weights import linear_weight
+from compress.pipeline.method import Needs, register
+from compress.sparse.pruning import PruneConfig, PruningMethod
+from compress.kernels.masks import keep_mask, wanda_scores
 
 
 @dataclass

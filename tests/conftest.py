@@ -70,21 +70,21 @@ def data_dir() -> Path:
 
 @pytest.fixture()
 def tiny_tok():
-    from compress.models import tiny_tokenizer
+    from compress.model.tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
 
 @pytest.fixture()
 def tiny_llama():
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     return tiny_model("llama", seed=0)
 
 
 @pytest.fixture()
 def tiny_opt():
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     return tiny_model("opt", seed=0)
 
@@ -98,7 +98,7 @@ def tiny_calib():
 @pytest.fixture()
 def tiny_model_dir(tmp_path):
     """A tiny llama saved as a transformers folder with a byte tokenizer: the CLI runs on it in seconds."""
-    from compress.models import tiny_model, tiny_tokenizer
+    from compress.model.tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", seed=0, hidden=64, intermediate=128, layers=2)
     folder = tmp_path / "tiny-llama"
@@ -110,7 +110,7 @@ def tiny_model_dir(tmp_path):
 @pytest.fixture(scope="session")
 def real_loaded():
     """SmolLM2-135M-Instruct (bfloat16), loaded once per session. Tests take copies through `real_model`."""
-    from compress.models import load_model
+    from compress.sources.models import load_model
 
     return load_model("smollm2", dtype="bfloat16")
 

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from compress.errors import CompressError
+from compress.core.errors import CompressError
 from compress.formats import check_output_dir, load_checkpoint, save_checkpoint
-from compress.qlinear import QuantLinear
-from compress.recipe import Recipe, RunContext
+from compress.layers.quant_linear import QuantLinear
+from compress.pipeline.recipe import Recipe, RunContext
 
 
 def _quantize(model, method="rtn", **opts):
@@ -17,7 +17,7 @@ def _quantize(model, method="rtn", **opts):
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("opts", [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": -1, "sym": True}, {"bits": 2, "group_size": 48}])
 def test_reload_reproduces_logits(arch, opts, tmp_path, tiny_tok):
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     model = _quantize(tiny_model(arch, seed=3, hidden=96), **opts)
     ids = torch.randint(0, 256, (2, 40))
@@ -77,7 +77,7 @@ def test_existing_output_refused_and_kept(tmp_path, tiny_llama, tiny_tok):
 
 
 def test_failed_write_leaves_old_checkpoint(tmp_path, tiny_llama, tiny_tok, monkeypatch):
-    import compress.formats as fmt
+    import compress.formats.base as fmt
 
     out = save_checkpoint(tiny_llama, tiny_tok, tmp_path / "ckpt")
     before = (out / "model.safetensors").read_bytes()

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from compress.cli import main
-from compress.results import read_records
+from compress.run.results import read_records
 
 QUICK = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc", "--eval-seqlen", "128",
          "--eval-windows", "4", "--no-progress"]
@@ -96,7 +96,7 @@ def test_existing_output_not_overwritten(tiny_model_dir, tmp_path):
 
 def test_shipped_recipe_files_validate():
     """Every example recipe in recipes/ names registered methods with valid options."""
-    from compress.recipe import Recipe
+    from compress.pipeline.recipe import Recipe
 
     files = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
     assert files

@@ -1,8 +1,8 @@
 """Typed method configs and the registry."""
 import pytest
 
-from compress.errors import ConfigError
-from compress.registry import FAMILIES, Method, all_methods, build_method, get_method
+from compress.core.errors import ConfigError
+from compress.pipeline.method import FAMILIES, Method, all_methods, build_method, get_method
 
 
 def test_rtn_registered_with_family_and_summary():
@@ -47,7 +47,7 @@ def test_every_method_has_valid_defaults_and_metadata():
 
 def test_recipe_report_keeps_every_stage_of_a_repeated_method(tiny_llama):
     """Two stages of one method keep both reports (the second under `name#2`), not the last one only."""
-    from compress.recipe import Recipe, RunContext
+    from compress.pipeline.recipe import Recipe, RunContext
 
     r = Recipe.from_specs([{"method": "magnitude", "sparsity": 0.2}, {"method": "magnitude", "sparsity": 0.5}])
     r.run(tiny_llama, RunContext(progress=False))

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from compress.data import calib_text, eval_text, get_calibration, resolve_data_dir
-from compress.errors import ConfigError, DataError
+from compress.sources.data import calib_text, eval_text, get_calibration, resolve_data_dir
+from compress.core.errors import ConfigError, DataError
 
 
 def test_wikitext2_is_the_hub_split_joined(data_dir):
@@ -72,7 +72,7 @@ def test_missing_dataset_names_the_file_and_both_ways(tmp_path, monkeypatch):
 
 
 def test_fallback_to_pydoc_when_nothing_available(tmp_path, monkeypatch, tiny_tok):
-    from compress.data import with_pydoc_fallback
+    from compress.sources.data import with_pydoc_fallback
 
     monkeypatch.delenv("COMPRESS_DATA_DIR", raising=False)
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path))

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.errors import ConfigError
-from compress.registry import Method, Needs
+from compress.core.errors import ConfigError
+from compress.pipeline.method import Method, Needs
 
 
 def test_mixed_distillation_loss_matches_hand_computation():
-    from compress.models import tiny_model
-    from compress.trainer import distillation_loss
+    from compress.model.tiny import tiny_model
+    from compress.train.trainer import distillation_loss
 
     teacher, student = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -45,8 +45,8 @@ def test_mixed_distillation_loss_matches_hand_computation():
 
 
 def test_layer_choice_uniform_and_block_influence():
-    from compress.layer_drop import block_influence, importance_keep, uniform_keep
-    from compress.models import tiny_model
+    from compress.train.layer_drop import block_influence, importance_keep, uniform_keep
+    from compress.model.tiny import tiny_model
 
     assert uniform_keep(30, 15) == [0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27, 29]
     assert uniform_keep(4, 4) == [0, 1, 2, 3] and uniform_keep(5, 2) == [0, 4]
@@ -67,8 +67,8 @@ def test_layer_dropped_student_has_the_blocks_and_loads_with_automodel(tiny_tok,
     from transformers import AutoModelForCausalLM
 
     from compress.formats import save_checkpoint
-    from compress.layer_drop import drop_blocks
-    from compress.models import tiny_model
+    from compress.train.layer_drop import drop_blocks
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=0, layers=4)
     originals = [model.model.layers[i] for i in (0, 2, 3)]
@@ -107,17 +107,17 @@ class _TinyMagnitude(Method):
 
 
 def _ctx(tok):
-    from compress.data import get_calibration
-    from compress.recipe import RunContext
+    from compress.sources.data import get_calibration
+    from compress.pipeline.recipe import RunContext
 
     return RunContext(tokenizer=tok, calibration=get_calibration("pydoc", tok, nsamples=4, seqlen=64), progress=False)
 
 
 def test_kd_recovery_learns_from_the_start_model_and_keeps_sparsity(tiny_tok):
-    from compress.finetune import heldout_loss, sparsity, zero_masks
-    from compress.models import tiny_model
-    from compress.recipe import Recipe
-    from compress.registry import build_method
+    from compress.train.finetune import heldout_loss, sparsity, zero_masks
+    from compress.model.tiny import tiny_model
+    from compress.pipeline.recipe import Recipe
+    from compress.pipeline.method import build_method
 
     start = tiny_model("llama", seed=0)
     original = copy.deepcopy(start)
@@ -140,7 +140,7 @@ def test_kd_recovery_learns_from_the_start_model_and_keeps_sparsity(tiny_tok):
         assert torch.equal(model.get_submodule(name).weight == 0, zero)
     assert sparsity(zero_masks(model), model) == pytest.approx(0.5)
     # KD moved the pruned student towards its teacher
-    from compress.trainer import kd_kl
+    from compress.kernels.losses import kd_kl
 
     with torch.no_grad():
         t_logits = teacher(input_ids=ids["input_ids"]).logits
@@ -152,10 +152,10 @@ def test_kd_recovery_learns_from_the_start_model_and_keeps_sparsity(tiny_tok):
 
 
 def test_lora_recovery_after_pruning_keeps_sparsity(tiny_tok, tmp_path):
-    from compress.finetune import sparsity, zero_masks
-    from compress.models import tiny_model
-    from compress.recipe import Recipe
-    from compress.registry import build_method
+    from compress.train.finetune import sparsity, zero_masks
+    from compress.model.tiny import tiny_model
+    from compress.pipeline.recipe import Recipe
+    from compress.pipeline.method import build_method
 
     lora = build_method("lora", {"steps": 6, "train_samples": 16, "train_seqlen": 64, "lr": 1e-2, "heldout": 2, "lora_r": 4})
     recipe = Recipe([_TinyMagnitude(), lora])
@@ -180,9 +180,9 @@ def test_lora_recovery_after_pruning_keeps_sparsity(tiny_tok, tmp_path):
 
 
 def test_distill_refuses_quantized_student_and_mismatched_teacher(tiny_tok):
-    from compress.models import tiny_model
-    from compress.recipe import Recipe
-    from compress.registry import build_method
+    from compress.model.tiny import tiny_model
+    from compress.pipeline.recipe import Recipe
+    from compress.pipeline.method import build_method
 
     with pytest.raises(ConfigError, match="distill needs float linear weights"):
         Recipe.from_specs([{"method": "rtn", "bits": 4, "group_size": 32}, {"method": "distill", "steps": 1}]).run(
@@ -202,8 +202,8 @@ def test_cli_distill_layer_dropped_student_then_eval(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from compress.cli import main
-    from compress.models import tiny_model
-    from compress.results import read_records
+    from compress.model.tiny import tiny_model
+    from compress.run.results import read_records
 
     deeper = tmp_path / "tiny4"
     tiny_model("llama", seed=0, layers=4).save_pretrained(deeper)
@@ -230,10 +230,10 @@ def test_cli_distill_layer_dropped_student_then_eval(tiny_model_dir, tmp_path):
 def test_recovery_after_wanda_keeps_its_sparse_layers(tiny_tok, recovery):
     """The real pruners store SparseLinear layers (float weights with a mask): recovery stages train them, keep
     exactly their zeros, and the result still stores sparse."""
-    from compress.finetune import sparsity, zero_masks
-    from compress.models import tiny_model
-    from compress.recipe import Recipe
-    from compress.sparse_linear import SparseLinear
+    from compress.train.finetune import sparsity, zero_masks
+    from compress.model.tiny import tiny_model
+    from compress.pipeline.recipe import Recipe
+    from compress.layers.sparse_linear import SparseLinear
 
     opts = {"steps": 3, "train_samples": 8, "train_seqlen": 64, "lr": 1e-3, "heldout": 2} if recovery == "lora" else \
         {"steps": 3, "train_samples": 8, "train_seqlen": 64, "lr": 1e-3}

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.arch import find_blocks
-from compress.engine import Engine
-from compress.registry import Method, Needs
+from compress.model.arch import find_blocks
+from compress.pipeline.engine import Engine
+from compress.pipeline.method import Method, Needs
 
 
 class Recorder(Method):
@@ -46,7 +46,7 @@ def _reference_inputs(model, ids):
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_stats_and_propagation_match_full_forward(arch, tiny_calib):
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     model = tiny_model(arch, seed=0, layers=3)
     ref_x, hidden = _reference_inputs(model, tiny_calib)

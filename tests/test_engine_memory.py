@@ -7,9 +7,9 @@ import pytest
 
 CHILD = r"""
 import json, resource, sys, torch
-from compress.engine import Engine
-from compress.models import tiny_model
-from compress.registry import Method, Needs
+from compress.pipeline.engine import Engine
+from compress.model.tiny import tiny_model
+from compress.pipeline.method import Method, Needs
 
 class Stats(Method):
     name = "stats"; family = "quantization"; layerwise = True

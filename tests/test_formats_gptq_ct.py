@@ -6,15 +6,15 @@ import logging
 import pytest
 import torch
 
-from compress.data import Calibration, TextSource
-from compress.errors import CompressError
+from compress.sources.data import Calibration, TextSource
+from compress.core.errors import CompressError
 from compress.formats.exporters import export
-from compress.qlinear import QuantLinear
-from compress.recipe import Recipe, RunContext
+from compress.layers.quant_linear import QuantLinear
+from compress.pipeline.recipe import Recipe, RunContext
 
 
 def _quantized(method="gptq", hidden=96, **opts):
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     torch.manual_seed(0)
     calib = Calibration(torch.randint(0, 256, (8, 48)), TextSource("test", "random", "-", "-"), 0)
@@ -57,7 +57,7 @@ def _unpack_reference(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def test_gptq_layout_and_reload(opts, tmp_path, tiny_tok):
     from safetensors.torch import load_file
 
-    from compress.models import load_model
+    from compress.sources.models import load_model
 
     model = _quantized(**opts)
     ids = torch.randint(0, 256, (2, 40))
@@ -143,7 +143,7 @@ def test_cli_exports_and_eval_of_gptq_folder(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.results import read_records
+    from compress.run.results import read_records
 
     quick = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc", "--eval-seqlen", "128",
              "--eval-windows", "4", "--no-progress"]

@@ -3,12 +3,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.engine import Engine
-from compress.hessian import inverse_cholesky
-from compress.obs import gptq_quantize
-from compress.qlinear import QuantLinear
-from compress.quant_grid import QuantSpec, rtn_quantize
-from compress.recipe import Recipe, RunContext
+from compress.pipeline.engine import Engine
+from compress.kernels.hessian import inverse_cholesky
+from compress.kernels.obs import gptq_quantize
+from compress.layers.quant_linear import QuantLinear
+from compress.kernels.quant_grid import QuantSpec, rtn_quantize
+from compress.pipeline.recipe import Recipe, RunContext
 
 
 class _Inputs(nn.Module):
@@ -30,7 +30,7 @@ def _layer_inputs(model, ids):
 @pytest.mark.parametrize("spec", [QuantSpec(3, 32, False), QuantSpec(4, -1, True), QuantSpec(2, 16, False)])
 def test_gptq_beats_rtn_on_every_linear(spec):
     """For every linear, ||WX - W_hat X||^2 of GPTQ <= RTN's on the same grid and the same calibration inputs."""
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     torch.manual_seed(0)
     model = tiny_model("llama", seed=0, hidden=64, intermediate=128, layers=2)
@@ -49,11 +49,11 @@ def test_gptq_beats_rtn_on_every_linear(spec):
 @pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
 def test_codes_lie_on_stored_grid_and_reload(act_order, static, tmp_path, tiny_tok):
     from compress.formats import load_checkpoint, save_checkpoint
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=1, hidden=96, layers=2)
     ids = torch.randint(0, 256, (8, 48))
-    from compress.data import Calibration, TextSource
+    from compress.sources.data import Calibration, TextSource
 
     calib = Calibration(ids, TextSource("test", "random", "-", "-"), 0)
     model = Recipe.from_specs([{"method": "gptq", "bits": 3, "group_size": 32, "act_order": act_order, "static_groups": static}]).run(

@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from compress.data import Calibration, TextSource
-from compress.recipe import Recipe, RunContext
+from compress.sources.data import Calibration, TextSource
+from compress.pipeline.recipe import Recipe, RunContext
 
 gptqmodel = pytest.importorskip("gptqmodel")
 
@@ -23,7 +23,7 @@ gptqmodel = pytest.importorskip("gptqmodel")
                                   {"bits": 4, "group_size": 32, "sym": True, "act_order": True, "static_groups": False}])
 def test_gptqmodel_loads_our_gptq_checkpoint(opts, tmp_path, tiny_tok):
     from compress.formats.exporters import export
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     torch.manual_seed(0)

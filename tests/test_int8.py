@@ -3,8 +3,9 @@ eq. 1 defines, in int32, on either path."""
 import pytest
 import torch
 
-import compress.int8 as int8
-from compress.int8 import W8A8Linear, int8_matmul, int8_matmul_fallback, int_mm_supported
+import compress.kernels.int8 as int8
+from compress.layers.w8a8_linear import W8A8Linear
+from compress.kernels.int8 import int8_matmul, int8_matmul_fallback, int_mm_supported
 
 
 def _reference_int32(a, b):

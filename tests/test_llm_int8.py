@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from compress.engine import Engine  # noqa: E402
-from compress.errors import ConfigError  # noqa: E402
+from compress.pipeline.engine import Engine  # noqa: E402
+from compress.core.errors import ConfigError  # noqa: E402
 from compress.formats import load_checkpoint, save_checkpoint  # noqa: E402
-from compress.recipe import Recipe, RunContext  # noqa: E402
+from compress.pipeline.recipe import Recipe, RunContext  # noqa: E402
 from compress.methods.llm_int8 import int8_linear  # noqa: E402
 
 T = 6.0
@@ -79,7 +79,7 @@ def test_threshold_zero_is_plain_vector_wise_int8():
 
 
 def test_reports_outlier_fraction_per_layer(tiny_calib):
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=0, layers=2)
     amax, hooks = {}, []
@@ -110,7 +110,8 @@ def test_reports_outlier_fraction_per_layer(tiny_calib):
 def test_bitsandbytes_checkpoint_reloads_identically(tmp_path, tiny_calib, tiny_tok):
     from transformers import AutoModelForCausalLM
 
-    from compress.models import load_model, tiny_model
+    from compress.sources.models import load_model
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=0, layers=2)
     ctx = RunContext(progress=False, ignore=[r"layers\.1\.mlp\.down_proj"])
@@ -138,8 +139,8 @@ def test_later_stages_and_dense_export_read_dequantized_weights(tmp_path, tiny_t
     """An int8 layer's `weight` holds integer codes: stages after llm-int8 and `--export dense` must see the float
     weight it represents (codes x row abs-max / 127), not the codes."""
     from compress.formats.exporters import export
-    from compress.models import tiny_model
-    from compress.qlinear import linear_weight
+    from compress.model.tiny import tiny_model
+    from compress.layers.weights import linear_weight
 
     model = tiny_model("llama", seed=0, layers=1)
     w = model.model.layers[0].mlp.up_proj.weight.detach().clone()
@@ -167,7 +168,7 @@ def test_later_stages_and_dense_export_read_dequantized_weights(tmp_path, tiny_t
 
 
 def test_bad_threshold_is_a_one_line_error():
-    from compress.registry import build_method
+    from compress.pipeline.method import build_method
 
     with pytest.raises(ConfigError, match=r"--outlier-threshold -1.0 is out of range; allowed: >= 0.0"):
         build_method("llm-int8", {"outlier_threshold": -1.0})

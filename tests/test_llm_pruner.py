@@ -8,16 +8,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from compress.errors import CompressError, ConfigError
+from compress.core.errors import CompressError, ConfigError
 from compress.formats import load_checkpoint, save_checkpoint
-from compress.models import count_parameters, tiny_model
-from compress.recipe import Recipe, RunContext
+from compress.layers.weights import count_parameters
+from compress.model.tiny import tiny_model
+from compress.pipeline.recipe import Recipe, RunContext
 
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
 
 
 def _prune(model, calib=None, tokenizer=None, **opts):
-    """Run the method; calib: token ids [N, L] or a compress.data.Calibration."""
+    """Run the method; calib: token ids [N, L] or a compress.sources.data.Calibration."""
     recipe = Recipe.from_specs([{"method": "llm-pruner", **opts}])
     if isinstance(calib, torch.Tensor):
         calib = SimpleNamespace(input_ids=calib, source=SimpleNamespace(name="pydoc"))
@@ -73,7 +74,7 @@ def test_uniform_loads_with_plain_transformers(tmp_path, tiny_calib, tiny_tok):
 def test_non_uniform_reloads_through_our_loader(arch, kw, opts, tmp_path, tiny_calib, tiny_tok):
     from transformers import AutoModelForCausalLM
 
-    from compress.models import load_model
+    from compress.sources.models import load_model
 
     model, rep = _prune(tiny_model(arch, seed=0, layers=4, **kw), tiny_calib, ratio=0.25, **opts)
     assert rep["config"] == "per-layer"
@@ -93,7 +94,7 @@ def test_non_uniform_reloads_through_our_loader(arch, kw, opts, tmp_path, tiny_c
 
 
 def test_magnitude_and_random_need_no_calibration():
-    from compress.registry import build_method
+    from compress.pipeline.method import build_method
 
     assert not build_method("llm-pruner", {"importance": "random"}).needs.calibration
     assert build_method("llm-pruner", {"importance": "magnitude", "recovery_steps": 5}).needs.calibration
@@ -120,7 +121,7 @@ def test_importance_decides_what_goes(tiny_calib):
 
 
 def test_lora_recovery_runs_and_merges(tiny_calib, monkeypatch):
-    import compress.trainer as trainer
+    import compress.train.trainer as trainer
 
     monkeypatch.setattr(trainer, "training_data", lambda ctx, model, cfg, source=None: torch.randint(0, 256, (8, 24)))
     import compress.methods.llm_pruner as lp
@@ -142,7 +143,7 @@ def test_lora_recovery_runs_and_merges(tiny_calib, monkeypatch):
     ({"aggregation": "mean"}, "--aggregation 'mean' is not allowed; choose one of: sum, prod, max, last"),
 ])
 def test_bad_options_are_one_clear_error(opts, message):
-    from compress.registry import build_method
+    from compress.pipeline.method import build_method
 
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")):
         build_method("llm-pruner", opts)
@@ -165,7 +166,7 @@ def test_cli_prune_then_eval(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.results import read_records
+    from compress.run.results import read_records
 
     quick = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc", "--eval-seqlen", "128",
              "--eval-windows", "4", "--no-progress"]
@@ -202,7 +203,7 @@ REAL_EVAL = dict(seqlen=512, max_windows=8, progress=False)
 
 @pytest.fixture(scope="module")
 def real_calib(real_loaded, data_dir):
-    from compress.data import get_calibration
+    from compress.sources.data import get_calibration
 
     return get_calibration("wikitext2", real_loaded.tokenizer, nsamples=8, seqlen=128, seed=0)
 

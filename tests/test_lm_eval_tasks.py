@@ -7,9 +7,9 @@ import yaml
 from click.testing import CliRunner
 
 from compress.cli import main
-from compress.errors import DataError
+from compress.core.errors import DataError
 from compress.evals import lm_eval_tasks as lt
-from compress.results import read_records
+from compress.run.results import read_records
 
 PAPER_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "lambada_openai")
 

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from compress.data import Calibration, TextSource
-from compress.errors import ConfigError
+from compress.sources.data import Calibration, TextSource
+from compress.core.errors import ConfigError
 from compress.evals.size import model_size
 from compress.formats import load_checkpoint, save_checkpoint
-from compress.obs import gptq_quantize
-from compress.qlinear import OWQLinear, QuantLinear
-from compress.quant_grid import QuantSpec, rtn_quantize
-from compress.recipe import Recipe, RunContext
+from compress.kernels.obs import gptq_quantize
+from compress.layers.quant_linear import OWQLinear, QuantLinear
+from compress.kernels.quant_grid import QuantSpec, rtn_quantize
+from compress.pipeline.recipe import Recipe, RunContext
 
 
 def _calib():
@@ -18,7 +18,7 @@ def _calib():
 
 
 def _run(method, **opts):
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=1, hidden=96, layers=2)
     recipe = Recipe.from_specs([{"method": method, "bits": 3, "group_size": 32, **opts}])

@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.data import Calibration, TextSource
-from compress.engine import LinearStats
-from compress.errors import ConfigError
-from compress.obs import PruneRule, gptq_quantize, sparsegpt_prune
-from compress.quant_grid import QuantSpec
-from compress.recipe import Recipe, RunContext
-from compress.registry import build_method
-from compress.sparse_linear import SparseLinear
-from compress.sparsity import is_nm, keep_mask, nm_keep_mask, row_keep_mask
+from compress.sources.data import Calibration, TextSource
+from compress.pipeline.engine import LinearStats
+from compress.core.errors import ConfigError
+from compress.kernels.obs import PruneRule, gptq_quantize, sparsegpt_prune
+from compress.kernels.quant_grid import QuantSpec
+from compress.pipeline.recipe import Recipe, RunContext
+from compress.pipeline.method import build_method
+from compress.layers.sparse_linear import SparseLinear
+from compress.kernels.masks import is_nm, keep_mask, nm_keep_mask, row_keep_mask
 
 
 def _run(model, specs, ids):
@@ -22,7 +22,7 @@ def _run(model, specs, ids):
 
 
 def _tiny(seed=0):
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     return tiny_model("llama", seed=seed, hidden=64, intermediate=128, layers=2)
 
@@ -177,7 +177,7 @@ def test_sparsegpt_joint_quantization_on_grid():
 
 
 def test_sparsegpt_joint_in_model_reloads(ids, tmp_path, tiny_tok):
-    from compress.qlinear import QuantLinear
+    from compress.layers.quant_linear import QuantLinear
 
     model, _ = _run(_tiny(), [{"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 32}], ids)
     qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -195,7 +195,7 @@ def test_gptq_fixed_mask_keeps_zeros_and_beats_rtn_of_pruned():
     assert (free.dequantize()[~keep] != 0).sum() > 10  # without a mask, error feedback refills some pruned weights
     wq = gptq_quantize(pruned, H, spec, mask=keep)[0].dequantize()
     assert torch.all(wq[~keep] == 0)
-    from compress.quant_grid import rtn_quantize
+    from compress.kernels.quant_grid import rtn_quantize
 
     err = lambda w_hat: float(((x @ (pruned - w_hat).t()) ** 2).sum())  # noqa: E731
     assert err(wq) < err(rtn_quantize(pruned, spec).dequantize())
@@ -203,7 +203,7 @@ def test_gptq_fixed_mask_keeps_zeros_and_beats_rtn_of_pruned():
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_wanda_then_gptq_recipe_keeps_mask(act_order, ids, tmp_path, tiny_tok):
-    from compress.qlinear import QuantLinear
+    from compress.layers.quant_linear import QuantLinear
 
     wanda_only, _ = _run(_tiny(), [{"method": "wanda", "pattern": "2:4"}], ids)
     block0 = {n: m.keep_mask() for n, m in _sparse_layers(wanda_only).items() if ".0." in n}
@@ -221,7 +221,7 @@ def test_wanda_then_gptq_recipe_keeps_mask(act_order, ids, tmp_path, tiny_tok):
 
 
 def test_gptq_mask_zeros_option():
-    from compress.qlinear import QuantLinear
+    from compress.layers.quant_linear import QuantLinear
 
     w, x, H = _layer_problem()
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
@@ -247,7 +247,7 @@ def test_owl_layer_sparsities_mean_bound_order():
 
 
 def test_owl_in_model_average_sparsity_and_per_row(ids, caplog):
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=0, hidden=64, intermediate=128, layers=4)
     with caplog.at_level("INFO", logger="compress"):

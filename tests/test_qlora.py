@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from compress.errors import CompressError, ConfigError, DataError
+from compress.core.errors import CompressError, ConfigError, DataError
 
 # QLoRA (Dettmers et al. 2023, arXiv 2305.14314), Appendix E: the 16 values of the NF4 data type.
 NF4_PAPER = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -19,7 +19,7 @@ NF4_PAPER = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
 def test_nf4_code_book_equals_the_papers_values():
     import bitsandbytes.functional as bnbf
 
-    from compress.nf4 import nf4_code_book
+    from compress.layers.nf4 import nf4_code_book
 
     ours = nf4_code_book()
     assert ours.tolist() == pytest.approx(NF4_PAPER, abs=2e-7)
@@ -36,7 +36,7 @@ def _linear(out_f, in_f, seed=0):
 
 def test_nf4_quantization_is_blockwise_absmax_to_nearest_code():
     """Sec. 3: per block of 64 consecutive weights along the input, w / absmax rounded to the nearest NF4 value."""
-    from compress.nf4 import nf4_code_book, nf4_dequantize, nf4_linear
+    from compress.layers.nf4 import nf4_code_book, nf4_dequantize, nf4_linear
 
     lin = _linear(8, 128)
     q = nf4_linear(lin, block_size=64, double_quant=False, compute_dtype=torch.float32)
@@ -54,7 +54,7 @@ def test_double_quantization_round_trips_within_its_stated_error():
     """The block constants minus their mean, 8-bit in blocks of 256 (each block scaled by its absmax): each constant
     comes back as one of the two 8-bit code values that bracket it (bitsandbytes' rounding picks a neighbour, not
     always the nearest), so within one code step times its block's absmax; the NF4 codes are unchanged."""
-    from compress.nf4 import nf4_dequantize, nf4_linear
+    from compress.layers.nf4 import nf4_dequantize, nf4_linear
 
     lin = _linear(64, 1024, seed=1)  # 1,024 blocks of 64 -> 4 second-level blocks of 256
     single = nf4_linear(lin, block_size=64, double_quant=False, compute_dtype=torch.float32)
@@ -86,11 +86,11 @@ def test_double_quantization_round_trips_within_its_stated_error():
 
 def test_nf4_bits_per_weight_counts_codes_and_double_quantized_constants():
     from compress.evals.size import model_size
-    from compress.models import tiny_model
-    from compress.nf4 import nf4_storage_bits, quantize_model_nf4
+    from compress.model.tiny import tiny_model
+    from compress.layers.nf4 import nf4_storage_bits, quantize_model_nf4
 
     lin = _linear(256, 1024)  # 262,144 weights, 4,096 blocks, 16 second-level blocks
-    from compress.nf4 import nf4_linear
+    from compress.layers.nf4 import nf4_linear
 
     q = nf4_linear(lin, block_size=64, double_quant=True)
     n = 256 * 1024
@@ -109,8 +109,8 @@ def test_nf4_bits_per_weight_counts_codes_and_double_quantized_constants():
 
 
 def _ctx(tok, **kw):
-    from compress.data import get_calibration
-    from compress.recipe import RunContext
+    from compress.sources.data import get_calibration
+    from compress.pipeline.recipe import RunContext
 
     cal = get_calibration("pydoc", tok, nsamples=4, seqlen=64)
     return RunContext(tokenizer=tok, calibration=cal, progress=False, model_dtype=torch.bfloat16, **kw)
@@ -124,11 +124,11 @@ def test_qlora_lowers_heldout_loss_adapter_reloads_and_checkpoint_reloads(tiny_t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from compress.finetune import heldout_loss
+    from compress.train.finetune import heldout_loss
     from compress.formats import load_checkpoint, save_checkpoint
-    from compress.models import tiny_model
-    from compress.nf4 import is_nf4_linear, quantize_model_nf4
-    from compress.recipe import Recipe
+    from compress.model.tiny import tiny_model
+    from compress.layers.nf4 import is_nf4_linear, quantize_model_nf4
+    from compress.pipeline.recipe import Recipe
 
     base = tiny_model("llama", seed=0, dtype=torch.bfloat16)
     recipe = Recipe.from_specs([{**QUICK, "adapter_dir": str(tmp_path / "adapter")}])
@@ -164,10 +164,10 @@ def test_qlora_lowers_heldout_loss_adapter_reloads_and_checkpoint_reloads(tiny_t
 
 def test_qlora_merge_dense_and_nf4(tiny_tok):
     from compress.evals.size import model_size
-    from compress.finetune import heldout_loss
-    from compress.models import tiny_model
-    from compress.nf4 import is_nf4_linear
-    from compress.recipe import Recipe
+    from compress.train.finetune import heldout_loss
+    from compress.model.tiny import tiny_model
+    from compress.layers.nf4 import is_nf4_linear
+    from compress.pipeline.recipe import Recipe
 
     base = tiny_model("llama", seed=0, dtype=torch.bfloat16)
     ids = {"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))}
@@ -182,7 +182,7 @@ def test_qlora_merge_dense_and_nf4(tiny_tok):
 
 
 def test_instruction_data_masks_the_prompt(tiny_tok, tmp_path):
-    from compress.finetune import ALPACA, encode_instructions, load_instructions
+    from compress.train.finetune import ALPACA, encode_instructions, load_instructions
 
     path = tmp_path / "inst.jsonl"
     rows = [{"instruction": f"Repeat the word {w}.", "input": "" if i % 2 else "twice", "output": f"{w} {w}"}
@@ -198,8 +198,8 @@ def test_instruction_data_masks_the_prompt(tiny_tok, tmp_path):
     assert torch.all(enc["labels"][0, n_prompt + len(answer):] == -100)
     assert int(enc["attention_mask"][0].sum()) == n_prompt + len(answer)
 
-    from compress.models import tiny_model
-    from compress.recipe import Recipe
+    from compress.model.tiny import tiny_model
+    from compress.pipeline.recipe import Recipe
 
     recipe = Recipe.from_specs([{**QUICK, "instructions": str(path), "heldout": 2, "train_seqlen": 320, "steps": 4}])
     recipe.run(tiny_model("llama", dtype=torch.bfloat16), _ctx(tiny_tok))
@@ -215,9 +215,9 @@ def test_instruction_data_masks_the_prompt(tiny_tok, tmp_path):
 
 
 def test_qlora_refuses_bad_input(tiny_tok, tmp_path):
-    from compress.models import tiny_model
-    from compress.recipe import Recipe
-    from compress.registry import build_method
+    from compress.model.tiny import tiny_model
+    from compress.pipeline.recipe import Recipe
+    from compress.pipeline.method import build_method
 
     with pytest.raises(ConfigError, match="--nf4-block-size 48 is not allowed"):
         build_method("qlora", {"nf4_block_size": 48})
@@ -235,7 +235,7 @@ def test_cli_finetune_qlora_then_eval_same_perplexity(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.results import read_records
+    from compress.run.results import read_records
 
     out = tmp_path / "ckpt"
     common = ["--eval", "pydoc", "--eval-seqlen", "128", "--eval-windows", "2", "--no-progress"]

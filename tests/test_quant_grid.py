@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from compress.errors import ConfigError
-from compress.qlinear import QuantLinear
-from compress.quant_grid import (QuantSpec, dequantize_codes, find_params, pack_bits, rtn_quantize, unpack_bits)
+from compress.core.errors import ConfigError
+from compress.layers.quant_linear import QuantLinear
+from compress.kernels.quant_grid import QuantSpec, dequantize_codes, find_params, pack_bits, rtn_quantize, unpack_bits
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])

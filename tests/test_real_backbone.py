@@ -10,7 +10,7 @@ import torch
 
 from compress.evals.perplexity import perplexity
 from compress.formats import load_checkpoint, save_checkpoint
-from compress.recipe import Recipe, RunContext
+from compress.pipeline.recipe import Recipe, RunContext
 
 pytestmark = pytest.mark.real
 EVAL = dict(seqlen=512, max_windows=12, progress=False)
@@ -56,7 +56,7 @@ def test_cli_main_job(real_loaded, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.results import read_records
+    from compress.run.results import read_records
 
     monkeypatch.chdir(tmp_path)
     common = ["--eval-seqlen", "512", "--eval-windows", "8", "--no-progress"]

@@ -9,10 +9,10 @@ import copy
 
 import pytest
 
-from compress.data import get_calibration
+from compress.sources.data import get_calibration
 from compress.evals.perplexity import perplexity
 from compress.evals.size import model_size
-from compress.recipe import Recipe, RunContext
+from compress.pipeline.recipe import Recipe, RunContext
 
 pytestmark = pytest.mark.real
 EVAL = dict(seqlen=512, max_windows=8, progress=False)

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from compress.evals.perplexity import perplexity
-from compress.recipe import Recipe, RunContext
+from compress.pipeline.recipe import Recipe, RunContext
 
 pytestmark = pytest.mark.real
 QUICK = ["--calib", "wikitext2", "--nsamples", "16", "--seqlen", "256", "--eval-seqlen", "512", "--eval-windows", "8",
@@ -30,7 +30,7 @@ def _cli(args, cwd):
     finally:
         os.chdir(old)
     assert res.exit_code == 0, res.output
-    from compress.results import read_records
+    from compress.run.results import read_records
 
     return read_records()[-1]
 

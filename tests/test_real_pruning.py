@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from compress.evals.perplexity import perplexity
-from compress.recipe import Recipe, RunContext
+from compress.pipeline.recipe import Recipe, RunContext
 
 pytestmark = pytest.mark.real
 EVAL = dict(seqlen=512, max_windows=8, progress=False)
@@ -15,7 +15,7 @@ EVAL = dict(seqlen=512, max_windows=8, progress=False)
 
 @pytest.fixture(scope="module")
 def calib(real_loaded, data_dir):
-    from compress.data import get_calibration
+    from compress.sources.data import get_calibration
 
     return get_calibration("wikitext2", real_loaded.tokenizer, nsamples=16, seqlen=512, seed=0, data_dir=str(data_dir))
 

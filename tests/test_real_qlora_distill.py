@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from compress.data import get_calibration
-from compress.recipe import Recipe, RunContext
+from compress.sources.data import get_calibration
+from compress.pipeline.recipe import Recipe, RunContext
 
 pytestmark = pytest.mark.real
 
@@ -21,8 +21,8 @@ def test_qlora_nf4_size_training_and_peft_reload(real_loaded, real_model, data_d
     from peft import PeftModel
 
     from compress.evals.size import model_size
-    from compress.finetune import heldout_loss
-    from compress.nf4 import quantize_model_nf4
+    from compress.train.finetune import heldout_loss
+    from compress.layers.nf4 import quantize_model_nf4
 
     recipe = Recipe.from_specs([{"method": "qlora", "steps": 4, "train_samples": 8, "train_seqlen": 128,
                                  "train_batch_size": 2, "heldout": 4, "lr": 1e-3, "warmup": 0.0,
@@ -39,7 +39,7 @@ def test_qlora_nf4_size_training_and_peft_reload(real_loaded, real_model, data_d
     base = copy.deepcopy(real_loaded.model)
     quantize_model_nf4(base, progress=False)
     again = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
-    from compress.data import eval_text, tokenize_text
+    from compress.sources.data import eval_text, tokenize_text
 
     stream = tokenize_text(eval_text("wikitext2", str(data_dir)), real_loaded.tokenizer)[0]
     held = {"input_ids": stream[:4 * 128].view(4, 128)}
@@ -51,7 +51,7 @@ def test_layer_dropped_student_distills_and_loads_with_automodel(real_loaded, re
 
     from compress.evals.perplexity import perplexity
     from compress.formats import save_checkpoint
-    from compress.layer_drop import drop_blocks, uniform_keep
+    from compress.train.layer_drop import drop_blocks, uniform_keep
 
     tok = real_loaded.tokenizer
     ev = dict(seqlen=256, max_windows=4, data_dir=str(data_dir), progress=False)

@@ -10,7 +10,7 @@ import copy
 import pytest
 
 from compress.evals.perplexity import perplexity
-from compress.recipe import Recipe, RunContext
+from compress.pipeline.recipe import Recipe, RunContext
 
 pytestmark = pytest.mark.real
 EVAL = dict(seqlen=512, max_windows=8, progress=False)
@@ -20,7 +20,7 @@ TRAIN = dict(train_batch_size=2, train_seqlen=128, train_samples=48, grad_clip=1
 
 @pytest.fixture(scope="module")
 def ctx(real_loaded, data_dir):
-    from compress.data import get_calibration
+    from compress.sources.data import get_calibration
 
     cal = get_calibration("wikitext2", real_loaded.tokenizer, nsamples=4, seqlen=128, seed=0)
     return RunContext(tokenizer=real_loaded.tokenizer, calibration=cal, progress=False)

@@ -6,19 +6,19 @@ import json
 import pytest
 import torch
 
-from compress.engine import Engine
-from compress.errors import ConfigError
+from compress.pipeline.engine import Engine
+from compress.core.errors import ConfigError
 from compress.formats import load_checkpoint, save_checkpoint
-from compress.int8 import W8A8Linear
-from compress.data import Calibration
-from compress.qlinear import QuantLinear
-from compress.recipe import Recipe, RunContext
+from compress.layers.w8a8_linear import W8A8Linear
+from compress.sources.data import Calibration
+from compress.layers.quant_linear import QuantLinear
+from compress.pipeline.recipe import Recipe, RunContext
 
 
 def _outlier_model(arch, seed=0):
     """A tiny model whose norms are not all-ones and whose hidden states carry a few large channels (the activation
     outliers SmoothQuant is about)."""
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     model = tiny_model(arch, seed=seed, layers=2, hidden=64, intermediate=128)
     g = torch.Generator().manual_seed(seed)
@@ -154,7 +154,8 @@ def test_compressed_tensors_export_loads_in_transformers(scheme, tmp_path, tiny_
     from compressed_tensors.quantization import QuantizationConfig
     from transformers import AutoModelForCausalLM
 
-    from compress.formats.exporters import dequantized_copy, export
+    from compress.formats.dense import dequantized_copy
+    from compress.formats.exporters import export
 
     model = _outlier_model("llama")
     _run(model, tiny_calib, {"method": "smoothquant", "act_scheme": scheme})
@@ -177,7 +178,7 @@ def test_compressed_tensors_export_loads_in_transformers(scheme, tmp_path, tiny_
             # is the whole difference, layer by layer: with it set to 127.5 each of our int8 layers computes theirs.
             # (Whole-model logits are not compared: a 1e-6 float difference that flips one rounding in block 0
             # grows through the blocks.)
-            import compress.int8 as int8
+            import compress.layers.w8a8_linear as int8
 
             g = torch.Generator().manual_seed(3)
             pairs = [(n, m, ct.get_submodule(n)) for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
@@ -194,7 +195,7 @@ def test_compressed_tensors_export_loads_in_transformers(scheme, tmp_path, tiny_
 
 
 def test_bad_options_are_one_line_errors():
-    from compress.registry import build_method
+    from compress.pipeline.method import build_method
 
     with pytest.raises(ConfigError, match=r"--alpha 1.5 is out of range; allowed: 0.0..1.0"):
         build_method("smoothquant", {"alpha": 1.5})
@@ -209,7 +210,7 @@ def test_cli_smoothquant_and_eval_same_perplexity(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.results import read_records
+    from compress.run.results import read_records
 
     quick = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc", "--eval-seqlen", "128",
              "--eval-windows", "2", "--no-progress"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compress.data import Calibration, TextSource
+from compress.sources.data import Calibration, TextSource
 from compress.evals.size import checkpoint_bytes, model_size
 from compress.formats import load_checkpoint, save_checkpoint
-from compress.recipe import Recipe, RunContext
-from compress.sparse_linear import SparseLinear, pack_bitmask, unpack_bitmask
+from compress.pipeline.recipe import Recipe, RunContext
+from compress.layers.sparse_linear import SparseLinear, pack_bitmask, unpack_bitmask
 
 
 def _prune(model, **opts):
@@ -36,7 +36,7 @@ def test_bitmask_is_numpy_packbits_little(cols):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("opts", [{"sparsity": 0.5}, {"pattern": "2:4"}, {"sparsity": 0.8}])
 def test_sparse_checkpoint_smaller_and_bit_identical(dtype, opts, tmp_path, tiny_tok):
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     dense = tiny_model("llama", seed=2, hidden=64, intermediate=128, layers=2, dtype=dtype)
     dense_dir = save_checkpoint(dense, tiny_tok, tmp_path / "dense")
@@ -72,7 +72,8 @@ def test_sparse_checkpoint_smaller_and_bit_identical(dtype, opts, tmp_path, tiny
 
 
 def test_size_accounting_counts_bitmask_and_values(tiny_tok):
-    from compress.models import count_parameters, tiny_model
+    from compress.layers.weights import count_parameters
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=0, hidden=64, intermediate=128, layers=2)
     params = count_parameters(model)
@@ -111,7 +112,7 @@ def test_cli_prune_record_checkpoint_and_eval(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.results import read_records
+    from compress.run.results import read_records
 
     quick = ["--model", str(tiny_model_dir), "--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc",
              "--eval-seqlen", "128", "--eval-windows", "4", "--no-progress"]
@@ -141,9 +142,9 @@ def test_cli_prune_record_checkpoint_and_eval(tiny_model_dir, tmp_path):
 ])
 def test_pruned_then_quantized_checkpoint_leaves_out_zero_codes(stages, tmp_path, tiny_tok):
     """Codes at their group's zero point (the pruned weights) are not stored; every code comes back on reload."""
-    from compress.models import tiny_model
-    from compress.qlinear import QuantLinear
-    from compress.sparse_linear import SparseQuantLinear
+    from compress.model.tiny import tiny_model
+    from compress.layers.quant_linear import QuantLinear
+    from compress.layers.sparse_linear import SparseQuantLinear
 
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     calib = Calibration(ids, TextSource("test", "random", "-", "-"), 0)

@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from compress.errors import CompressError
-from compress.models import tiny_model
-from compress.structured import (aggregate, attention_coupled, choose_keep, discover, hidden_coupled, lm_gradients,
-                                 mlp_coupled, remove_units, unit_scores, zero_units)
+from compress.core.errors import CompressError
+from compress.model.tiny import tiny_model
+from compress.sparse.structured import (aggregate, attention_coupled, choose_keep, discover, hidden_coupled,
+    lm_gradients, mlp_coupled, remove_units, unit_scores, zero_units)
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -103,7 +103,7 @@ def test_unit_scores_and_aggregation_by_hand():
 
 
 def test_gradients_and_fisher_match_hand_computation():
-    from compress.trainer import lm_loss
+    from compress.kernels.losses import lm_loss
 
     model = tiny_model("llama", seed=0, layers=1)
     ids = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(3))
@@ -138,7 +138,7 @@ def test_hidden_channels_cover_the_whole_stream():
 def test_unsupported_structure_is_one_clear_error():
     import torch.nn as nn
 
-    from compress.structured import block_layout
+    from compress.sparse.structured import block_layout
 
     class Block(nn.Module):
         def __init__(self):

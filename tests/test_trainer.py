@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from compress.errors import ConfigError
-from compress.trainer import TrainConfig, Trainer
+from compress.core.errors import ConfigError
+from compress.train.trainer import TrainConfig, Trainer
 
 
 def _cfg(tmp_path=None, **kw):
@@ -20,7 +20,7 @@ def _data():
 
 
 def test_loss_goes_down_and_only_given_params_change():
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=0)
     for p in model.parameters():
@@ -38,7 +38,7 @@ def test_loss_goes_down_and_only_given_params_change():
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path):
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     full = Trainer(tiny_model("llama", seed=0), _data(), _cfg(grad_accum=2), progress=False).train()
     first = Trainer(tiny_model("llama", seed=0), _data(), _cfg(tmp_path, grad_accum=2, save_every=5), progress=False)
@@ -59,7 +59,7 @@ def test_schedule_warmup_then_cosine():
 def test_bad_config_and_nothing_to_train():
     with pytest.raises(ConfigError, match="--steps 0 is out of range"):
         TrainConfig(steps=0).validate()
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama")
     for p in model.parameters():
@@ -69,7 +69,7 @@ def test_bad_config_and_nothing_to_train():
 
 
 def test_kd_kl_matches_hand_computation():
-    from compress.trainer import kd_kl
+    from compress.kernels.losses import kd_kl
 
     s = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
     t = torch.tensor([[[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]])
@@ -84,8 +84,8 @@ def test_kd_kl_matches_hand_computation():
 
 
 def test_lora_wraps_and_merges():
-    from compress.lora import LoraOptions, add_lora, merge_lora
-    from compress.models import tiny_model
+    from compress.train.lora import LoraOptions, add_lora, merge_lora
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=0)
     ids = torch.randint(0, 256, (2, 12))

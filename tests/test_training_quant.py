@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from compress.errors import ConfigError
-from compress.fake_quant import (FakeQuantLinear, GroupLayout, _FakeQuant, export_quantized, fake_quantize_model,
-                                 ste_fake_quantize)
-from compress.qlinear import QuantLinear
-from compress.quant_grid import QuantizedWeight, QuantSpec, rtn_quantize
-from compress.recipe import Recipe, RunContext
+from compress.core.errors import ConfigError
+from compress.train.fake_quant import (FakeQuantLinear, GroupLayout, _FakeQuant, export_quantized,
+    fake_quantize_model, ste_fake_quantize)
+from compress.layers.quant_linear import QuantLinear
+from compress.kernels.quant_grid import QuantizedWeight, QuantSpec, rtn_quantize
+from compress.pipeline.recipe import Recipe, RunContext
 
 TRAIN = dict(steps=6, lr=1e-3, train_samples=16, train_seqlen=32, train_batch_size=4, autocast="float32")
 
@@ -22,7 +22,7 @@ def _run(model, method, ctx=None, **opts):
 
 
 def _ctx(calib=None, **kw):
-    from compress.data import Calibration, TextSource
+    from compress.sources.data import Calibration, TextSource
 
     if calib is None:
         calib = torch.randint(0, 256, (24, 32), generator=torch.Generator().manual_seed(5))
@@ -32,7 +32,7 @@ def _ctx(calib=None, **kw):
 @pytest.fixture()
 def calib_data(monkeypatch):
     """training_data() draws from the calibration source: serve random token windows instead of a text file."""
-    import compress.trainer as trainer
+    import compress.train.trainer as trainer
 
     def fake(ctx, model, config, source=None):
         g = torch.Generator().manual_seed(ctx.seed + 1)
@@ -133,8 +133,9 @@ def test_model_fake_quant_equals_export_and_checkpoint_reloads(tiny_llama, tiny_
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, ref)
     # the last held-out loss the trainer measured on fake-quantized weights is the exported model's loss
-    from compress.fake_quant import heldout_split, mean_loss
-    from compress.trainer import lm_loss, training_data
+    from compress.train.fake_quant import heldout_split, mean_loss
+    from compress.kernels.losses import lm_loss
+    from compress.train.trainer import training_data
 
     held = heldout_split(training_data(_ctx(), None, method.config))[1]
     assert held.shape[0] == 2
@@ -177,7 +178,7 @@ def test_qat_lowers_the_loss_and_trains_weights_and_scales(tiny_llama, calib_dat
 
 
 def test_peqa_optimizer_holds_only_the_scales(tiny_llama, calib_data, monkeypatch):
-    import compress.fake_quant as fqmod
+    import compress.train.fake_quant as fqmod
 
     seen = {}
 
@@ -205,8 +206,8 @@ def test_peqa_optimizer_holds_only_the_scales(tiny_llama, calib_data, monkeypatc
 
 
 def test_qat_resumes_on_the_same_loss_curve(tmp_path, calib_data, monkeypatch):
-    from compress.models import tiny_model
-    from compress.trainer import Trainer
+    from compress.model.tiny import tiny_model
+    from compress.train.trainer import Trainer
 
     opts = dict(bits=3, group_size=32, **{**TRAIN, "steps": 10})
     _, full = _run(tiny_model("llama", seed=0), "qat", _ctx(), **opts)
@@ -225,7 +226,7 @@ def test_qat_resumes_on_the_same_loss_curve(tmp_path, calib_data, monkeypatch):
 def _peaked_tiny_model():
     """A tiny random llama whose next-token distributions are peaked (a random one's are nearly uniform, which
     leaves a distillation loss of ~1e-3 with nothing to learn)."""
-    from compress.models import tiny_model
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=0)
     with torch.no_grad():
@@ -238,7 +239,7 @@ def _peaked_tiny_model():
 
 @pytest.mark.parametrize("init", ["rtn", "gptq"])
 def test_llm_qat_is_data_free_and_distills(init, tiny_tok, tmp_path, monkeypatch):
-    import compress.data as data
+    import compress.sources.data as data
 
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path))
 
@@ -257,7 +258,7 @@ def test_llm_qat_is_data_free_and_distills(init, tiny_tok, tmp_path, monkeypatch
 
 
 def test_bad_options_are_one_clear_error():
-    from compress.registry import build_method
+    from compress.pipeline.method import build_method
 
     with pytest.raises(ConfigError, match=r"--scale-mode 'sgd' is not allowed; choose one of: fixed, lsq, minmax"):
         build_method("qat", {"scale_mode": "sgd"})
@@ -273,7 +274,7 @@ def test_cli_finetune_qat_then_eval_same_perplexity(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.results import read_records
+    from compress.run.results import read_records
 
     quick = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc", "--eval-seqlen", "128",
              "--eval-windows", "4", "--no-progress"]

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import ADAPTER_KEY, MODEL_UNWRAPPERS, SavedModel
+from compress.core.errors import ModelError
+from compress.formats.base import ADAPTER_KEY, Format, SavedModel, state_for_saving
 
 ADAPTER_DIR = "adapter"
 
@@ -31,10 +32,8 @@ def _is_peft(model: nn.Module) -> bool:
 
 def base_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict without the adapters, under the base model's own key names."""
-    from . import _state_for_saving
-
     base = peft_model.get_base_model()
-    state = _state_for_saving(base)
+    state = state_for_saving(base)
     out = {}
     for k, v in state.items():
         if ".lora_" in k:  # lora_A, lora_B, lora_embedding_*, lora_magnitude_vector: the adapter's own tensors
@@ -67,8 +66,6 @@ def attach_adapter(model: nn.Module, folder: Path, config: dict[str, Any]) -> nn
         return model
     from peft import PeftModel
 
-    from ..errors import ModelError
-
     path = Path(folder) / sub
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"checkpoint {str(folder)!r} names adapter folder {sub!r} but {str(path)!r} holds no adapter_config.json")
@@ -77,4 +74,16 @@ def attach_adapter(model: nn.Module, folder: Path, config: dict[str, Any]) -> nn
     return peft_model
 
 
-MODEL_UNWRAPPERS.append(unwrap_peft)
+class PeftAdapterFormat(Format):
+    name = "peft-adapter"
+    summary = "a peft-wrapped model saved as its base plus peft's adapter folder"
+    config_keys = (ADAPTER_KEY,)
+
+    def unwrap(self, model: nn.Module) -> SavedModel | None:
+        return unwrap_peft(model)
+
+    def finish(self, model: nn.Module, folder: Path, config: dict[str, Any]) -> nn.Module:
+        return attach_adapter(model, folder, config)
+
+
+FORMAT = PeftAdapterFormat()

@@ -4,12 +4,12 @@
   [out], the row abs-max) and `weight_format` (uint8 scalar 0: row-major), as `Linear8bitLt.state_dict()` gives them;
   `quantization_config` = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=..., llm_int8_skip_modules=[every
   linear left in float]).
-* 4-bit (QLoRA's NF4 base, compress.nf4; `load_in_4bit`): each weight as its packed uint8 codes plus `weight.absmax`,
+* 4-bit (QLoRA's NF4 base, compress.layers.nf4; `load_in_4bit`): each weight as its packed uint8 codes plus `weight.absmax`,
   `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map` and the packed
   `weight.quant_state.bitsandbytes__nf4`; `quantization_config` = BitsAndBytesConfig(load_in_4bit=True, ...).
 Everything else is in the compute dtype. `AutoModelForCausalLM.from_pretrained(folder)` rebuilds the same layers (on
 CPU too); this project's reader does the same and keeps 4-bit layers on the reference kernel
-(compress.nf4.use_reference_kernel), so a reload evaluates to the run's numbers.
+(compress.layers.nf4.use_reference_kernel), so a reload evaluates to the run's numbers.
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import CompressError
-from ..nf4 import is_nf4_linear, use_reference_kernel
-from . import FORMAT_READERS, QUANT_CONFIG_WRITERS, compressed_modules
+from compress.core.errors import CompressError
+from compress.layers.nf4 import is_nf4_linear, use_reference_kernel
+from compress.formats.base import Format
+from compress.layers.types import compressed_modules
 
 QUANT_METHOD = "bitsandbytes"
 FORMAT_4BIT = "bitsandbytes-4bit"
@@ -118,6 +119,18 @@ def read(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Modul
     return model, tok, {"format": FORMAT_4BIT if four_bit else QUANT_METHOD, "quantization_config": qc}
 
 
-QUANT_CONFIG_WRITERS.append(quantization_config)
-QUANT_CONFIG_WRITERS.append(bnb_quantization_config)
-FORMAT_READERS[QUANT_METHOD] = read
+class BitsAndBytesFormat(Format):
+    name = QUANT_METHOD
+    summary = "bitsandbytes LLM.int8() and 4-bit layers, in transformers' own layout"
+
+    def detect(self, config: dict[str, Any]) -> bool:
+        return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+    def read(self, folder: Path, dtype: torch.dtype | None) -> tuple[nn.Module, Any, dict]:
+        return read(folder, dtype)
+
+    def quantization_config(self, model: nn.Module) -> dict[str, Any] | None:
+        return quantization_config(model) or bnb_quantization_config(model)
+
+
+FORMAT = BitsAndBytesFormat()

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..qlinear import is_linear_like
-from . import AtomicFolder, _state_for_saving, compressed_modules, write_model_folder
-from .exporters import register_exporter
-from .gptq import quantized_linears
+from compress.model.surgery import is_linear_like
+from compress.formats.base import AtomicFolder, Format, state_for_saving, write_model_folder
+from compress.formats.gptq import export_gptq, quantized_linears
+from compress.formats.w8a8 import export_int_quantized, w8a8_modules
 
 log = logging.getLogger("compress")
 
@@ -78,13 +78,10 @@ def ct_config(spec, ignore: list[str]) -> dict[str, Any]:
     }
 
 
-@register_exporter("compressed-tensors")
 def export_compressed_tensors(model: nn.Module, tokenizer: Any, target: Path, overwrite: bool) -> Path:
     """pack-quantized folder (see the module docstring); falls back to the GPTQ format when the grid does not fit."""
     reason = unsupported_reason(model)
     if reason is not None:
-        from .exporters import EXPORTERS
-
         gptq_target = Path(str(target)[: -len("-compressed-tensors")] + "-gptq") if str(target).endswith("-compressed-tensors") \
             else Path(f"{target}-gptq")
         log.warning("compressed-tensors not written: %s. Writing the GPTQ format instead: %s", reason, gptq_target)
@@ -92,12 +89,12 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, target: Path, ov
         if cfg.is_file() and (json.loads(cfg.read_text()).get("quantization_config") or {}).get("quant_method") == "gptq" \
                 and not overwrite:
             return gptq_target  # written a moment ago by --export gptq in the same run
-        return EXPORTERS["gptq"](model, tokenizer, gptq_target, overwrite)
+        return export_gptq(model, tokenizer, gptq_target, overwrite)
     mods, spec, _ = quantized_linears(model, "compressed-tensors", every_block_linear=False)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_linear_like(m)]
     if "lm_head" not in ignore and getattr(model, "lm_head", None) is not None:
         ignore.append("lm_head")
-    state = _state_for_saving(model)
+    state = state_for_saving(model)
     for name, m in mods.items():
         qw = m.quantized_weight()
         for key in [k for k in state if k.startswith(name + ".") and not k.endswith(".bias")]:
@@ -110,3 +107,17 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, target: Path, ov
     with AtomicFolder(target, overwrite) as tmp:
         write_model_folder(tmp, model, tokenizer, state, qc)
     return Path(target)
+
+
+class CompressedTensorsFormat(Format):
+    name = "compressed-tensors"
+    summary = "compressed-tensors: pack-quantized weight-only (W4A16-style) or int-quantized W8A8 (llm-compressor, vLLM)"
+    exports = True
+
+    def export(self, model: nn.Module, tokenizer: Any, target: Path, overwrite: bool) -> Path:
+        if w8a8_modules(model):
+            return export_int_quantized(model, tokenizer, target, overwrite)
+        return export_compressed_tensors(model, tokenizer, target, overwrite)
+
+
+FORMAT = CompressedTensorsFormat()

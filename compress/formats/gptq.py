@@ -29,12 +29,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import CompressError, ModelError
-from ..qlinear import OWQLinear, QuantLinear, is_linear_like
-from ..quant_grid import QuantizedWeight, QuantSpec, pack_bits, unpack_bits
-from . import (FORMAT_READERS, AtomicFolder, _state_for_saving, build_empty_model, compressed_modules, load_remaining,
-               read_safetensors, set_module, write_model_folder)
-from .exporters import register_exporter
+from compress.core.errors import CompressError, ModelError
+from compress.layers.quant_linear import OWQLinear, QuantLinear
+from compress.model.surgery import is_linear_like
+from compress.kernels.quant_grid import QuantizedWeight, QuantSpec, pack_bits, unpack_bits
+from compress.formats.base import (AtomicFolder, Format, build_empty_model, load_remaining, read_safetensors,
+    state_for_saving, write_model_folder)
+from compress.layers.types import compressed_modules
+from compress.model.arch import find_blocks
+from compress.model.surgery import set_module
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -43,8 +46,6 @@ def quantized_linears(model: nn.Module, fmt: str, *, every_block_linear: bool = 
                       ) -> tuple[dict[str, QuantLinear], QuantSpec, bool]:
     """The model's quantized linears if `fmt` can hold them: QuantLinears of one grid (and, with every_block_linear,
     every linear of the decoder blocks). Returns (modules by name, their spec, whether any uses an act-order index)."""
-    from ..arch import find_blocks
-
     mods = compressed_modules(model)
     weak = [n for n, m in mods.items() if isinstance(m, OWQLinear)]
     if weak:
@@ -110,11 +111,10 @@ def gptq_config(spec: QuantSpec, act_order: bool, **extra: Any) -> dict[str, Any
     }
 
 
-@register_exporter("gptq")
 def export_gptq(model: nn.Module, tokenizer: Any, target: Path, overwrite: bool) -> Path:
     """GPTQ v1 folder (see the module docstring), loadable by transformers+GPTQModel, vLLM, SGLang and `compress`."""
     mods, spec, act_order = quantized_linears(model, "gptq")
-    state = _state_for_saving(model)
+    state = state_for_saving(model)
     for name, m in mods.items():
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
@@ -165,4 +165,22 @@ def read_gptq(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.
     return model, tok, info
 
 
-FORMAT_READERS["gptq"] = read_gptq
+class GPTQFormat(Format):
+    name = "gptq"
+    summary = "GPTQ v1 (AutoGPTQ/GPTQModel, transformers, vLLM, SGLang)"
+    exports = True
+
+    def handles(self, model: nn.Module) -> bool:
+        return True  # export_gptq says in one line why a model's layers do not fit
+
+    def export(self, model: nn.Module, tokenizer: Any, target: Path, overwrite: bool) -> Path:
+        return export_gptq(model, tokenizer, target, overwrite)
+
+    def detect(self, config: dict[str, Any]) -> bool:
+        return (config.get("quantization_config") or {}).get("quant_method") == "gptq"
+
+    def read(self, folder: Path, dtype: torch.dtype | None) -> tuple[nn.Module, Any, dict]:
+        return read_gptq(folder, dtype)
+
+
+FORMAT = GPTQFormat()

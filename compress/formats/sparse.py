@@ -1,7 +1,7 @@
 """Sparse checkpoints: pruned linears stored as a bitmask plus their kept values (a layout modelled on
-compressed-tensors' sparse-bitmask, read by this project's loader; see compress.sparse_linear), inside the native format.
+compressed-tensors' sparse-bitmask, read by this project's loader; see compress.layers.sparse_linear), inside the native format.
 
-In the native checkpoint (compress.formats) every SparseLinear is listed in `quantization_config.modules` with type
+In the native checkpoint (compress.formats.native) every SparseLinear is listed in `quantization_config.modules` with type
 `sparse_linear` (its shape, number of kept values, sparsity and structure) and writes two tensors,
 `<layer>.weight_bitmask` (uint8 [out, ceil(in/8)]) and `<layer>.weight_compressed` (the kept values, row-major), in
 place of `<layer>.weight`; `quantization_config.sparsity_config` summarises them in compressed-tensors' terms
@@ -17,13 +17,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..sparse_linear import SparseLinear, SparseQuantLinear
-from . import CONFIG_SECTIONS, register_module_type
+from compress.layers.sparse_linear import SparseLinear, SparseQuantLinear
+from compress.formats.base import Format
 
 SPARSE_FORMAT = "sparse-bitmask"
-
-register_module_type(SparseLinear.module_type)(SparseLinear)
-register_module_type(SparseQuantLinear.module_type)(SparseQuantLinear)
 
 
 def sparsity_config(modules: dict[str, nn.Module]) -> dict[str, Any] | None:
@@ -43,4 +40,13 @@ def sparsity_config(modules: dict[str, nn.Module]) -> dict[str, Any] | None:
     }
 
 
-CONFIG_SECTIONS["sparsity_config"] = sparsity_config
+class SparseBitmaskFormat(Format):
+    name = SPARSE_FORMAT
+    summary = "sparse linears in the native format, described by a sparsity_config entry"
+
+    def config_section(self, modules: dict[str, nn.Module]) -> tuple[str, Any] | None:
+        value = sparsity_config(modules)
+        return None if value is None else ("sparsity_config", value)
+
+
+FORMAT = SparseBitmaskFormat()

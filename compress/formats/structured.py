@@ -6,7 +6,24 @@ loading wrong shapes. Uniformly pruned models need none of this: their config is
 """
 from __future__ import annotations
 
-from ..structured import CONFIG_KEY, apply_layer_shapes
-from . import LOAD_TRANSFORMS
+from typing import Any
 
-LOAD_TRANSFORMS[CONFIG_KEY] = apply_layer_shapes
+import torch.nn as nn
+
+from compress.formats.base import Format
+from compress.model.shapes import CONFIG_KEY, apply_layer_shapes
+
+
+class StructuredShapesFormat(Format):
+    name = "structured"
+    summary = "per-layer head counts and MLP widths of a structurally pruned model (config.json entry)"
+    config_keys = (CONFIG_KEY,)
+
+    def prepares(self, config: dict[str, Any]) -> bool:
+        return CONFIG_KEY in config
+
+    def prepare(self, model: nn.Module, config: dict[str, Any]) -> None:
+        apply_layer_shapes(model, config)
+
+
+FORMAT = StructuredShapesFormat()

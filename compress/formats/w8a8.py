@@ -1,4 +1,4 @@
-"""W8A8 int8 checkpoints: the native module type of compress.int8.W8A8Linear, and its compressed-tensors export.
+"""W8A8 int8 checkpoints: the native module type of compress.layers.w8a8_linear.W8A8Linear, and its compressed-tensors export.
 
 Native (`quant_method: "compress"`, module type `w8a8_linear`): `weight` int8 [out, in], `weight_scale` float16
 [out, 1], `input_scale` float32 [1] (static per-tensor activations only), `bias`; the activation scheme is in the
@@ -17,15 +17,13 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..errors import CompressError
-from ..int8 import W8A8Linear
-from . import compressed_modules, register_module_type, save_checkpoint
-from .exporters import register_exporter
-
-register_module_type("w8a8_linear")(W8A8Linear)
+from compress.core.errors import CompressError
+from compress.layers.w8a8_linear import W8A8Linear
+from compress.formats.native import save_checkpoint
+from compress.layers.types import compressed_modules
 
 
-def _w8a8_modules(model: nn.Module) -> dict[str, W8A8Linear]:
+def w8a8_modules(model: nn.Module) -> dict[str, W8A8Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
 
 
@@ -36,7 +34,7 @@ def _int8_args(strategy: str, dynamic: bool) -> dict[str, Any]:
 
 def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
     """The `quantization_config` of a W8A8 model in compressed-tensors' int-quantized layout."""
-    mods = _w8a8_modules(model)
+    mods = w8a8_modules(model)
     others = [n for n in compressed_modules(model) if n not in mods]
     if others:
         raise CompressError(f"compressed-tensors int-quantized holds W8A8 layers only; {others[0]} is a different kind")
@@ -62,7 +60,6 @@ def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
-@register_exporter("compressed-tensors", handles=lambda model: bool(_w8a8_modules(model)))
 def export_int_quantized(model: nn.Module, tokenizer: Any, target: Path, overwrite: bool) -> Path:
     """The in-memory tensors already have compressed-tensors' names and dtypes: only config.json differs."""
     return save_checkpoint(model, tokenizer, target, overwrite=overwrite,

@@ -1,0 +1,46 @@
+"""The dense format (`--export dense`): a plain transformers folder of float weights that any tool loads with
+AutoModelForCausalLM. Every compressed linear becomes an nn.Linear holding its de-quantized weight (pruned zeros
+included)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from compress.formats.base import Format
+from compress.formats.bitsandbytes import int8_modules
+from compress.formats.native import save_checkpoint
+from compress.layers.nf4 import is_nf4_linear
+from compress.layers.types import compressed_modules
+from compress.layers.weights import linear_weight
+from compress.model.surgery import set_module
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model with every compressed linear replaced by a plain nn.Linear holding its float weight."""
+    dense = copy.deepcopy(model)
+    dtype = dense.get_input_embeddings().weight.dtype  # the model's float dtype
+    mods = {**compressed_modules(dense), **int8_modules(dense),
+            **{n: m for n, m in dense.named_modules() if is_nf4_linear(m)}}
+    for name, mod in mods.items():
+        w = linear_weight(mod).detach()
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=getattr(mod, "bias", None) is not None, dtype=dtype)
+        lin.weight.data.copy_(w)
+        if lin.bias is not None:
+            lin.bias.data.copy_(mod.bias.data)
+        set_module(dense, name, lin)
+    return dense
+
+
+class DenseFormat(Format):
+    name = "dense"
+    summary = "plain transformers folder of float weights (any tool loads it)"
+    exports = True
+
+    def export(self, model: nn.Module, tokenizer: Any, target: Path, overwrite: bool) -> Path:
+        return save_checkpoint(dequantized_copy(model), tokenizer, target, overwrite=overwrite)
+
+
+FORMAT = DenseFormat()

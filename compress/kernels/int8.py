@@ -1,0 +1,84 @@
+"""Real int8 arithmetic: absmax int8 quantization and the int8 x int8 -> int32 matmul.
+
+* `absmax_scale` / `quantize_int8`: symmetric int8 with scale max|x| / 127 per row, per tensor, ... (SmoothQuant,
+  arXiv 2211.10438, eq. 1: X_int8 = round(X / Delta), Delta = max|X| / (2^(N-1) - 1)).
+* `int8_matmul(a, b)`: a [M, K] int8 times b [N, K] int8 transposed -> [M, N] int32, with `torch._int_mm` where the
+  device offers it (probed once per device type), else an exact fallback: float32 matmuls over chunks of at most
+  1024 columns (every partial sum is an integer of magnitude <= 1024 * 128 * 128 = 2^24, so float32 holds it
+  exactly), accumulated in int32. Both give bit-identical integers.
+"""
+from __future__ import annotations
+
+import torch
+
+
+INT8_MAX = 127
+
+
+_EXACT_CHUNK = 1024  # columns per float32 partial product: |sum| <= 1024 * 128 * 128 = 2^24, exact in float32
+
+
+_INT_MM_OK: dict[str, bool] = {}
+
+
+def absmax_scale(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Delta = max|x| / 127 (float32) over `dim` (kept), or over the whole tensor when dim is None; never zero."""
+    x = x.detach().float()
+    amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+    return (amax / INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(x / scale) clamped to the int8 range [-128, 127] (the range compressed-tensors and vLLM use)."""
+    return torch.clamp(torch.round(x.float() / scale), -128, 127).to(torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# int8 x int8 -> int32
+# ---------------------------------------------------------------------------------------------------------------
+def int_mm_supported(device: torch.device | str) -> bool:
+    """Whether torch._int_mm runs on this device type and gives exact results (probed once per device type)."""
+    dev = torch.device(device)
+    if dev.type not in _INT_MM_OK:
+        ok = False
+        if hasattr(torch, "_int_mm"):
+            try:
+                g = torch.Generator().manual_seed(0)
+                a = torch.randint(-128, 128, (32, 64), dtype=torch.int8, generator=g)
+                b = torch.randint(-128, 128, (64, 32), dtype=torch.int8, generator=g)
+                got = torch._int_mm(a.to(dev), b.to(dev)).cpu()
+                ok = bool(torch.equal(got, (a.long() @ b.long()).to(torch.int32)))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _INT_MM_OK[dev.type] = ok
+    return _INT_MM_OK[dev.type]
+
+
+def _int_mm_shape_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch._int_mm's shape rules: anything on CPU; on CUDA M > 16 and K, N multiples of 8."""
+    if a.device.type == "cpu":
+        return True
+    m, k = a.shape
+    n = b.shape[0]
+    return m > 16 and k % 8 == 0 and n % 8 == 0
+
+
+def int8_matmul_fallback(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 @ b [N, K]^T -> [M, N] int32, exactly, without integer kernels (see the module docstring)."""
+    m, k = a.shape
+    out = torch.zeros(m, b.shape[0], dtype=torch.int32, device=a.device)
+    for s in range(0, k, _EXACT_CHUNK):
+        part = a[:, s:s + _EXACT_CHUNK].float() @ b[:, s:s + _EXACT_CHUNK].float().t()
+        out += part.to(torch.int32)
+    return out
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, *, use_int_mm: bool | None = None) -> torch.Tensor:
+    """a [M, K] int8 @ b [N, K]^T -> [M, N] int32: torch._int_mm where supported, else the exact fallback."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"int8_matmul needs int8 operands, got {a.dtype} and {b.dtype}")
+    if use_int_mm is None:
+        use_int_mm = int_mm_supported(a.device) and _int_mm_shape_ok(a, b)
+    if use_int_mm:
+        return torch._int_mm(a, b.t())
+    return int8_matmul_fallback(a, b)

@@ -1,0 +1,217 @@
+"""Integer weight grids: scales, zero points, groups and bit packing, shared by RTN, GPTQ, OWQ, QAT, PEQA...
+
+Conventions (those of the GPTQ reference code, arXiv 2210.17323):
+* a weight W [out, in] is split along the input dimension into groups of `group_size` columns (-1: one group, i.e.
+  per output channel); a width the group size does not divide gets a shorter last group, never a refusal;
+* asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale), the range always containing 0;
+  symmetric: scale = 2 max|w| / (2^b - 1), zero = 2^(b-1);
+* q = clamp(round(w / scale) + zero, 0, 2^b - 1);  w_hat = scale * (q - zero).
+Scales are rounded to float16 *before* the codes are computed, so the float16 scales stored in every checkpoint
+format reproduce exactly the weights the algorithm chose.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from compress.core.errors import ConfigError
+
+SCALE_DTYPE = torch.float16
+_MIN_SCALE = float(torch.finfo(torch.float16).tiny)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128  # -1: per output channel
+    sym: bool = False
+
+    def __post_init__(self):
+        if not (1 <= self.bits <= 8):
+            raise ConfigError(f"bits {self.bits!r} is out of range; allowed: 1..8")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ConfigError(f"group size {self.group_size!r} is not allowed; use -1 (per-channel) or >= 1")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+
+    def g_idx(self, in_features: int, device=None) -> torch.Tensor:
+        """Group index of every input column in natural order."""
+        idx = torch.arange(in_features, device=device, dtype=torch.int32)
+        return torch.zeros_like(idx) if self.group_size == -1 else idx // self.group_size
+
+    def label(self) -> str:
+        g = "ch" if self.group_size == -1 else f"g{self.group_size}"
+        return f"w{self.bits} {g}{' sym' if self.sym else ''}"
+
+
+def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of `w` [rows, cols] (float32), min/max over the columns given."""
+    w = w.float()
+    return params_from_range(w.min(dim=1).values, w.max(dim=1).values, spec)
+
+
+def params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (float32, same shape as the inputs) of the grid spanning [wmin, wmax] widened to hold 0."""
+    zero_t = torch.zeros_like(wmin, dtype=torch.float32)
+    xmin = torch.minimum(wmin.float(), zero_t)
+    xmax = torch.maximum(wmax.float(), zero_t)
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
+    scale = round_scale((xmax - xmin) / spec.maxq)
+    if spec.sym:
+        zero = torch.full_like(scale, (spec.maxq + 1) // 2)
+    else:
+        zero = torch.clamp(torch.round(-xmin / scale), 0, spec.maxq)
+    return scale, zero
+
+
+def round_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales to their stored precision (float16), keeping them positive and finite."""
+    s = scale.float().clamp(min=_MIN_SCALE, max=float(torch.finfo(torch.float16).max))
+    return s.to(SCALE_DTYPE).float()
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (float tensor holding integers) of w given broadcastable scale/zero."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return dequantize(quantize(w, scale, zero, maxq), scale, zero)
+
+
+@dataclass
+class QuantizedWeight:
+    """What a weight quantizer produces: integer codes on a grid, independent of any storage format."""
+
+    codes: torch.Tensor  # [out, in] uint8 (values 0..2^bits-1), input columns in natural order
+    scales: torch.Tensor  # [out, n_groups] float16
+    zeros: torch.Tensor  # [out, n_groups] uint8 integer zero points
+    g_idx: torch.Tensor  # [in] int32 group of each input column
+    spec: QuantSpec
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_codes(self.codes, self.scales, self.zeros, self.g_idx).to(dtype)
+
+    @property
+    def natural_order(self) -> bool:
+        return bool(torch.equal(self.g_idx.cpu(), self.spec.g_idx(self.g_idx.numel())))
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None,
+                     group_size: int | None = None) -> torch.Tensor:
+    """W_hat [out, in] float32 from codes and per-group scales/zeros: through g_idx, or (g_idx None) natural groups
+    of `group_size` columns (the last one possibly shorter)."""
+    if g_idx is None:
+        out_f, in_f = codes.shape
+        n_groups = scales.shape[1]
+        gs = in_f if n_groups == 1 else group_size
+        pad = n_groups * gs - in_f
+        c = codes.float()
+        if pad:
+            c = torch.nn.functional.pad(c, (0, pad))
+        w = (c.view(out_f, n_groups, gs) - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+        return w.view(out_f, -1)[:, :in_f]
+    gi = g_idx.long()
+    s = scales.float()[:, gi]
+    z = zeros.float()[:, gi]
+    return s * (codes.float() - z)
+
+
+def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest quantization of W [out, in], per channel or per group (shorter last group allowed)."""
+    w = w.detach().float()
+    out_f, in_f = w.shape
+    gs = in_f if spec.group_size == -1 else spec.group_size
+    n_groups = spec.groups(in_f)
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out_f, n_groups, dtype=SCALE_DTYPE, device=w.device)
+    zeros = torch.empty(out_f, n_groups, dtype=torch.uint8, device=w.device)
+    for g in range(n_groups):
+        cols = slice(g * gs, min((g + 1) * gs, in_f))
+        scale, zero = find_params(w[:, cols], spec)
+        codes[:, cols] = quantize(w[:, cols], scale[:, None], zero[:, None], spec.maxq).to(torch.uint8)
+        scales[:, g] = scale.to(SCALE_DTYPE)
+        zeros[:, g] = zero.to(torch.uint8)
+    return QuantizedWeight(codes, scales, zeros, spec.g_idx(in_f, device=w.device), spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bit packing: little-endian bit streams, 32 values per `bits` int32 words along the last dimension.
+# For bits in {2, 4, 8} this is the usual "value j at bits [b*j, b*(j+1)) of word j // (32/b)" layout; for 3 bits
+# 32 values span 3 words (the GPTQ layout). The last dimension is zero-padded to a multiple of 32.
+# ---------------------------------------------------------------------------------------------------------------
+def packed_words(n: int, bits: int) -> int:
+    return math.ceil(n / 32) * bits
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes [..., n] (0 <= c < 2^bits) into int32 words [..., ceil(n/32)*bits]."""
+    *lead, n = codes.shape
+    c = codes.to(torch.int64)
+    pad = (-n) % 32
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    chunks = c.reshape(*lead, -1, 32)  # [..., C, 32]
+    if 32 % bits == 0:
+        per = 32 // bits
+        v = chunks.reshape(*lead, -1, bits, per)  # word w holds values w*per .. w*per+per-1 of the chunk
+        shifts = torch.arange(per, device=c.device, dtype=torch.int64) * bits
+        words = (v << shifts).sum(dim=-1)
+    else:
+        bit_idx = torch.arange(bits, device=c.device, dtype=torch.int64)
+        stream = ((chunks.unsqueeze(-1) >> bit_idx) & 1).reshape(*lead, -1, bits, 32)  # [..., C, bits words, 32 bits]
+        words = (stream << torch.arange(32, device=c.device, dtype=torch.int64)).sum(dim=-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.reshape(*lead, -1).to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: int32 words [..., W] -> uint8 codes [..., n]."""
+    *lead, nw = words.shape
+    if 32 % bits == 0:
+        # int32 arithmetic shifts: sign-extended high bits are masked away
+        per = 32 // bits
+        shifts = torch.arange(per, device=words.device, dtype=torch.int32) * bits
+        vals = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)  # [..., W, per]
+        return vals.reshape(*lead, -1)[..., :n].to(torch.uint8)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    chunks = w.reshape(*lead, -1, bits)  # [..., C, bits]
+    stream = (chunks.unsqueeze(-1) >> torch.arange(32, device=w.device, dtype=torch.int64)) & 1  # [..., C, bits, 32]
+    stream = stream.reshape(*lead, -1, 32, bits)
+    vals = (stream << torch.arange(bits, device=w.device, dtype=torch.int64)).sum(dim=-1).reshape(*lead, -1)
+    return vals[..., :n].to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options shared by every weight quantizer (RTN, GPTQ, OWQ, QAT, PEQA, ...)
+# ---------------------------------------------------------------------------------------------------------------
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+from compress.core.config import MethodConfig, option  # noqa: E402
+
+
+@_dataclass
+class WeightQuantConfig(MethodConfig):
+    bits: int = option(4, "weight bits", range=(2, 8))
+    group_size: int = option(128, "input columns sharing one scale/zero (a shorter last group where the width is not a "
+                                  "multiple); -1: one group per output channel", range=(1, None), special={-1: "per-channel"})
+    sym: bool = option(False, "symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric min/max")
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym)

@@ -1,0 +1,1 @@
+"""Layer 6: the Method contract, the sequential engine, RunContext and recipes."""

@@ -1,0 +1,1 @@
+"""Family layer: quantization helpers shared by several methods (smoothing)."""

@@ -1,0 +1,1 @@
+"""Layer above methods and evals: the runner, results store, grids, reports, console."""

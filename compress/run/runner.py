@@ -1,0 +1,306 @@
+"""One compression run, end to end: validate everything, load the model, measure it, run the recipe, measure
+again, write the checkpoint, append the results record. The CLI verbs and the experiment grid all call `execute`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.core.errors import CompressError, ConfigError
+
+log = logging.getLogger("compress")
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a run (a grid cell is one of these)."""
+
+    kind: str = "quantize"  # quantize | prune | finetune | distill | recipe | eval
+    stages: list[dict[str, Any]] = field(default_factory=list)  # [{"method": NAME, **options}]
+    model: str = "smollm2"
+    dtype: str = "auto"
+    device: str = "auto"
+    calib: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    data_dir: str | None = None
+    eval: list[str] = field(default_factory=lambda: ["wikitext2"])
+    eval_seqlen: int = 2048
+    eval_windows: int | None = 32
+    eval_batch_size: int = 1
+    tasks: list[str] = field(default_factory=list)  # lm-eval zero-shot tasks
+    task_limit: int | None = None
+    efficiency: bool = False  # prefill/decode tokens per second, peak memory, kernel kind (compress.evals.efficiency)
+    baseline: bool = True  # also measure the uncompressed model (cached per model and protocol)
+    output: str | None = None
+    save: bool = True
+    overwrite: bool = False
+    exports: list[str] = field(default_factory=list)  # extra checkpoint formats (gptq, compressed-tensors, ...)
+    results_dir: str | None = None
+    batch_size: int = 8
+    spill: str = "auto"
+    ignore: list[str] = field(default_factory=list)
+    teacher: str | None = None
+    progress: bool = True
+    tag: str | None = None  # e.g. a grid cell key
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+
+
+def default_output(spec: RunSpec, recipe) -> str:
+    model = _slug(Path(spec.model).name if spec.model else "model") or "model"
+    return str(Path("checkpoints") / f"{model}-{_slug(recipe.method_name)}-{_slug(recipe.label().split('(', 1)[-1])}".rstrip("-"))
+
+
+def validate(spec: RunSpec):
+    """Check every input before anything is loaded or written. Returns (recipe, output folder or None)."""
+    from compress.sources.data import resolve_data_dir
+    from compress.formats import check_output_dir
+    from compress.sources.models import resolve_device, resolve_dtype, resolve_source
+    from compress.pipeline.recipe import Recipe
+
+    recipe = Recipe.from_specs(spec.stages) if spec.stages else None
+    if spec.kind != "eval" and recipe is None:
+        raise ConfigError("no method given")
+    if recipe is not None and recipe.needs_calibration:
+        if spec.nsamples < 1:
+            raise ConfigError(f"--nsamples {spec.nsamples!r} is out of range; allowed: >= 1")
+        if spec.seqlen < 2:
+            raise ConfigError(f"--seqlen {spec.seqlen!r} is out of range; allowed: >= 2")
+    if spec.eval_windows is not None and spec.eval_windows < 1:
+        raise ConfigError(f"--eval-windows {spec.eval_windows!r} is out of range; allowed: >= 1")
+    if spec.eval_seqlen < 2:
+        raise ConfigError(f"--eval-seqlen {spec.eval_seqlen!r} is out of range; allowed: >= 2")
+    if spec.batch_size < 1:
+        raise ConfigError(f"--batch-size {spec.batch_size!r} is out of range; allowed: >= 1")
+    for pat in spec.ignore:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ConfigError(f"--ignore {pat!r} is not a regular expression: {e}") from None
+    if spec.exports:
+        from compress.formats.exporters import check_format
+
+        for fmt in spec.exports:
+            check_format(fmt)
+        if recipe is not None and not spec.save:
+            raise ConfigError(f"--export {', '.join(spec.exports)} needs a checkpoint; drop --no-save")
+    resolve_device(spec.device)
+    resolve_dtype(spec.dtype)
+    output = None
+    if recipe is not None and spec.save:
+        output = spec.output or default_output(spec, recipe)
+        check_output_dir(output, spec.overwrite)
+    resolve_data_dir(spec.data_dir)
+    resolve_source(spec.model)
+    if spec.teacher:
+        resolve_source(spec.teacher)
+    return recipe, output
+
+
+def evaluate(model, tokenizer, spec: RunSpec, *, model_fp: str | None = None, label: str = "") -> dict[str, Any]:
+    """Perplexity on each dataset of spec.eval (and lm-eval tasks if asked). With model_fp, results are cached."""
+    from compress.evals.perplexity import perplexity, prepare, protocol_key
+
+    from compress.evals.baselines import cached_baseline, remember_baseline
+
+    metrics: dict[str, Any] = {}
+    dtype = next(model.parameters()).dtype
+    seqlen = spec.eval_seqlen
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and seqlen > max_pos:
+        log.info("eval seqlen %d exceeds the model's %d positions; using %d", seqlen, max_pos, max_pos)
+        seqlen = max_pos
+    fallback = spec.data_dir is None
+    for ds in spec.eval:
+        protocol, _ = prepare(tokenizer, ds, seqlen=seqlen, max_windows=spec.eval_windows, data_dir=spec.data_dir,
+                              fallback=fallback, dtype=dtype)
+        key = protocol_key(protocol)
+        cached = cached_baseline(model_fp, key) if model_fp else None
+        if cached is not None:
+            log.info("%s perplexity of the %s model: %.4f (cached)", protocol["dataset"], label, cached["value"])
+            metrics[f"ppl_{protocol['dataset']}"] = {**cached, "cached": True}
+            continue
+        res = perplexity(model, tokenizer, ds, seqlen=seqlen, max_windows=spec.eval_windows, batch_size=spec.eval_batch_size,
+                         data_dir=spec.data_dir, fallback=fallback, progress=spec.progress)
+        log.info("%s perplexity of the %s model: %.4f (%d windows of %d tokens, %.0f s)", protocol["dataset"], label,
+                 res["value"], protocol["windows"], seqlen, res["seconds"])
+        metrics[f"ppl_{protocol['dataset']}"] = res
+        if model_fp:
+            remember_baseline(model_fp, key, res)
+    if spec.tasks:
+        from compress.evals.lm_eval_tasks import evaluate_tasks  # issue: lm-eval harness integration
+
+        metrics.update(evaluate_tasks(model, tokenizer, spec.tasks, limit=spec.task_limit, data_dir=spec.data_dir,
+                                      model_fp=model_fp))
+    if spec.efficiency:
+        from compress.evals.efficiency import efficiency_metrics
+
+        metrics.update(efficiency_metrics(model))
+    return metrics
+
+
+def execute(spec: RunSpec, console=None, *, store: bool = True) -> dict[str, Any]:
+    """Run one compression (or evaluation) and append its record (unless store=False: a grid driver appends it).
+    Returns the record."""
+    from compress.evals.size import size_report
+
+    from compress.sources.data import get_calibration
+    from compress.formats import save_checkpoint
+    from compress.sources.models import load_model, resolve_device
+    from compress.pipeline.recipe import RunContext
+    from compress.run.results import append_record, environment, new_run_id, now_iso, peak_memory
+
+    recipe, output = validate(spec)
+    t_start = time.perf_counter()
+    device = resolve_device(spec.device)
+    log.info("loading %s", spec.model)
+    loaded = load_model(spec.model, dtype=spec.dtype, device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    if tok is None:
+        raise CompressError(f"model {spec.model!r} has no tokenizer files; cannot calibrate or evaluate it")
+    record: dict[str, Any] = {
+        "run_id": new_run_id(), "time": now_iso(), "kind": spec.kind, "status": "ok", "tag": spec.tag,
+        "model": {"name": loaded.name, "spec": spec.model, "source": loaded.source.kind, "fingerprint": loaded.fingerprint,
+                  "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
+        "method": recipe.method_name if recipe else "none",
+        "family": recipe.family if recipe else "none",
+        "setting": recipe.label() if recipe else "",
+        "recipe": recipe.specs() if recipe else [],
+        "run": {k: v for k, v in spec.to_dict().items() if k not in ("stages", "progress")},
+    }
+    if recipe is None:  # plain evaluation
+        model.to(device)
+        record["metrics"] = {"after": evaluate(model, tok, spec, label="given")}
+        record["size"] = size_report(model, loaded.source.path if loaded.source.kind in ("folder", "checkpoint") else None)
+        record["model"]["params"] = record["size"]["params"]
+        record["checkpoint"] = loaded.source.path if loaded.source.kind in ("folder", "checkpoint") else None
+        record["checkpoint_info"] = loaded.info
+        return _finish(record, spec, t_start, console, store)
+
+    before = {}
+    measures = bool(spec.eval or spec.tasks or spec.efficiency)
+    if spec.baseline and measures:
+        model.to(device)
+        before = evaluate(model, tok, spec, model_fp=loaded.fingerprint, label="uncompressed")
+        model.to("cpu")
+    size_before = size_report(model)
+    calib = None
+    if recipe.needs_calibration:
+        calib = get_calibration(spec.calib, tok, nsamples=spec.nsamples, seqlen=spec.seqlen, seed=spec.seed,
+                                data_dir=spec.data_dir, model=model, fallback=spec.data_dir is None)
+        if calib.source.fallback_from:
+            log.warning("calibrating on pydoc text instead of %s", calib.source.fallback_from)
+    ctx = RunContext(tokenizer=tok, device=device, calibration=calib, data_dir=spec.data_dir, seed=spec.seed,
+                     batch_size=spec.batch_size, spill=spec.spill, ignore=list(spec.ignore), progress=spec.progress,
+                     model_spec=spec.model, model_dtype=next(model.parameters()).dtype)
+    if spec.teacher:
+        ctx.teacher = load_model(spec.teacher, dtype=spec.dtype, device="cpu")
+    torch.manual_seed(spec.seed)
+    t0 = time.perf_counter()
+    model = recipe.run(model, ctx)
+    compress_seconds = time.perf_counter() - t0
+    log.info("%s finished in %.1f s", recipe.label(), compress_seconds)
+    model.to(device)
+    after = evaluate(model, tok, spec, label="compressed") if measures else {}
+    model.to("cpu")
+    record.update({
+        "calibration": calib.record() if calib else None,
+        "metrics": {"before": before, "after": after},
+        "compress_seconds": round(compress_seconds, 2),
+        "details": recipe.report(),
+    })
+    if output:
+        provenance = {k: record[k] for k in ("run_id", "time", "model", "method", "setting", "recipe", "calibration")}
+        provenance["metrics"] = {"after": after}
+        save_checkpoint(model, tok, output, overwrite=spec.overwrite, provenance=provenance,
+                        quant_info={"method": recipe.method_name, "setting": recipe.label()})
+        log.info("checkpoint written to %s", output)
+        record["checkpoint"] = str(output)
+        for fmt in spec.exports:
+            from compress.formats.exporters import export
+
+            path = export(fmt, model, tok, output, overwrite=spec.overwrite)
+            record.setdefault("exports", {})[fmt] = str(path)
+    else:
+        record["checkpoint"] = None
+    record["size_before"] = size_before
+    record["size"] = size_report(model, output)
+    record["model"]["params"] = size_before["params"]
+    return _finish(record, spec, t_start, console, store)
+
+
+def _finish(record: dict[str, Any], spec: RunSpec, t_start: float, console, store: bool = True) -> dict[str, Any]:
+    from compress.run.results import append_record, environment, peak_memory
+
+    record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    record["peak_memory"] = peak_memory()
+    record["env"] = environment()
+    record["_store"] = str(append_record(record, spec.results_dir)) if store else None
+    if console is not None:
+        print_summary(record, console)
+    return record
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def print_summary(record: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{record['model']['name']}: {record['setting'] or record['method']}", show_lines=False)
+    t.add_column("metric")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_column("protocol")
+    before = record.get("metrics", {}).get("before", {})
+    after = record.get("metrics", {}).get("after", {})
+    for key in sorted(set(before) | set(after)):
+        b, a = before.get(key), after.get(key)
+        proto = (a or b or {}).get("protocol", {})
+        desc = ", ".join(str(proto[k]) for k in ("variant", "split") if k in proto)
+        if "seqlen" in proto:
+            desc += f", seqlen {proto['seqlen']}, {proto['windows']}/{proto['windows_total']} windows"
+        if proto.get("fallback_from"):
+            desc += f" (fallback from {proto['fallback_from']})"
+        t.add_row(key, f"{b['value']:.4f}" if b else "-", f"{a['value']:.4f}" if a else "-", desc)
+    size = record.get("size", {})
+    sb = record.get("size_before", {})
+    t.add_row("bits per weight (block linears)", str(sb.get("bits_per_weight", "-")), str(size.get("bits_per_weight", "-")), "codes+scales+zeros+indices")
+    if "bits_per_weight_with_adapters" in size:  # LoRA adapters kept beside a (quantized) base
+        t.add_row("bits per weight incl. adapters", "", str(size["bits_per_weight_with_adapters"]),
+                  f"{size['adapter_params']:,} adapter parameters")
+    t.add_row("parameters", f"{sb.get('params', '-'):,}" if sb else "-", f"{size.get('params', 0):,}", "")
+    t.add_row("bytes in memory", _fmt_bytes(sb.get("memory_bytes")), _fmt_bytes(size.get("memory_bytes")), "")
+    if "checkpoint_bytes" in size:
+        t.add_row("checkpoint on disk", "", _fmt_bytes(size["checkpoint_bytes"]), f"{size.get('bits_per_param')} bits/param")
+    console.print(t)
+    extra = []
+    if record.get("compress_seconds") is not None:
+        extra.append(f"compression {record['compress_seconds']:.1f} s")
+    extra.append(f"wall {record['wall_seconds']:.1f} s")
+    extra.append(f"peak RSS {_fmt_bytes(record['peak_memory'].get('host_peak_rss_bytes'))}")
+    if record.get("checkpoint"):
+        extra.append(f"checkpoint {record['checkpoint']}")
+    if record.get("_store"):
+        extra.append(f"record appended to {record['_store']}")
+    console.print(" · ".join(extra))

@@ -1,0 +1,441 @@
+"""One place for text: calibration token sequences and evaluation texts.
+
+Sources (`--calib` / `--dataset`):
+  wikitext2     eval: WikiText-2 raw test split joined with "\\n\\n" (the GPTQ/Wanda/SmoothQuant protocol);
+                calibration: random windows of the WikiText-2 validation text (the data kit has no train split).
+  wikitext2-v1  the tokenized WikiText-2 release (rare words as <unk>): test for eval, valid for calibration.
+  ptb           Penn Treebank (Mikolov's LM split): test sentences joined with " "; calibration from valid.
+  c4            eval: C4 validation documents (first 1,100 joined with " ", 256 windows at most, as GPTQ does, but
+                from the data kit's 2,000-document subset); calibration: random windows of C4 train documents.
+  pydoc         the English documentation every CPython ships (pydoc_data.topics): an embedded corpus, no network.
+                Topics are split 4:1 into calibration and evaluation text, disjoint.
+  file:PATH     a .txt file, or .jsonl with a "text" field per line.
+  generated     data-free calibration: sequences sampled from the model itself (LLM-QAT's hybrid sampling).
+Local data: --data-dir, else $COMPRESS_DATA_DIR, else ~/.cache/compress/data; the layout is the data kit's
+(see its SOURCES.md). Without a local copy the `datasets` library is used when the hub is reachable.
+Everything is deterministic for a seed, and tokenized samples are cached on disk (safetensors).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from compress.core.errors import DataError
+from compress.core.paths import cache_dir
+
+log = logging.getLogger("compress")
+
+SOURCES = ("wikitext2", "wikitext2-v1", "ptb", "c4", "pydoc", "generated")
+
+
+@dataclass
+class TextSource:
+    """A resolved text: what it is (for records) and its content."""
+
+    name: str  # wikitext2, ptb, c4, pydoc, file:..., ...
+    variant: str  # precise description for the protocol record
+    split: str
+    origin: str  # local path or "datasets:<id>" or "embedded:pydoc_data"
+    text: str = field(repr=False, default="")
+    documents: list[str] | None = field(repr=False, default=None)  # for document-wise sampling (C4)
+    fallback_from: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        d = {"dataset": self.name, "variant": self.variant, "split": self.split, "origin": self.origin}
+        if self.fallback_from:
+            d["fallback_from"] = self.fallback_from
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Locating data
+# ---------------------------------------------------------------------------------------------------------------
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """--data-dir, else $COMPRESS_DATA_DIR, else ~/.cache/compress/data if present, else None (hub or error)."""
+    if data_dir:
+        p = Path(data_dir).expanduser()
+        if not p.is_dir():
+            raise DataError(f"--data-dir {str(data_dir)!r} does not exist or is not a folder")
+        return p
+    env = os.environ.get("COMPRESS_DATA_DIR")
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_dir():
+            raise DataError(f"COMPRESS_DATA_DIR={env!r} does not exist or is not a folder")
+        return p
+    p = cache_dir() / "data"
+    return p if p.is_dir() else None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _local_file(data_dir: Path | None, rel: str) -> Path | None:
+    if data_dir is None:
+        return None
+    p = data_dir / rel
+    return p if p.is_file() else None
+
+
+def _missing(name: str, data_dir: Path | None, rel: str) -> DataError:
+    where = f"{data_dir / rel}" if data_dir else f"<data dir>/{rel}"
+    return DataError(
+        f"{name}: no local copy (looked for {where}; set --data-dir or COMPRESS_DATA_DIR to the data kit) "
+        f"and the Hugging Face hub is not reachable for the `datasets` fallback"
+    )
+
+
+def _hub_rows(dataset_id: str, config: str | None, split: str, column: str) -> list[str]:
+    import datasets
+
+    ds = datasets.load_dataset(dataset_id, config, split=split)
+    return list(ds[column])
+
+
+def _wikitext_rows(path: Path) -> list[str]:
+    """Rows of the hub's wikitext split from the release file: each line with its newline, ' \\n' becoming ''."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    return ["" if ln == " " else ln + "\n" for ln in lines]
+
+
+def _pydoc_topics() -> tuple[list[str], list[str]]:
+    from pydoc_data.topics import topics
+
+    texts = list(dict.fromkeys(topics[n] for n in sorted(topics)))  # several topic names share one text
+    calib = [t for i, t in enumerate(texts) if i % 5 != 0]
+    evals = [t for i, t in enumerate(texts) if i % 5 == 0]
+    return calib, evals
+
+
+def _read_user_file(spec: str) -> tuple[str, list[str]]:
+    path = Path(spec[len("file:"):]).expanduser()
+    if not path.is_file():
+        raise DataError(f"{spec!r}: file {str(path)!r} does not exist")
+    if path.suffix == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"{spec!r}: line {i + 1} is not JSON") from None
+                text = obj.get("text") if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    raise DataError(f"{spec!r}: line {i + 1} has no string field 'text'")
+                docs.append(text)
+        return "\n\n".join(docs), docs
+    text = path.read_text(encoding="utf-8")
+    return text, [text]
+
+
+def eval_text(name: str, data_dir: str | os.PathLike | None = None) -> TextSource:
+    """The evaluation (test) text of a dataset, joined as the papers' perplexity protocol does."""
+    name = name.strip()
+    if name.startswith("file:"):
+        text, docs = _read_user_file(name)
+        return TextSource(name, "user file", "all", name[5:], text, docs)
+    if name == "pydoc":
+        _, ev = _pydoc_topics()
+        return TextSource("pydoc", "pydoc_data.topics, every 5th topic", "eval", "embedded:pydoc_data", "\n\n".join(ev), ev)
+    ddir = resolve_data_dir(data_dir)
+    if name == "wikitext2":
+        rel = "wikitext-2-raw/wiki.test.raw"
+        p = _local_file(ddir, rel)
+        if p:
+            rows = _wikitext_rows(p)
+            return TextSource(name, "wikitext-2-raw-v1", "test", str(p), "\n\n".join(rows))
+        if hub_reachable():
+            rows = _hub_rows("wikitext", "wikitext-2-raw-v1", "test", "text")
+            return TextSource(name, "wikitext-2-raw-v1", "test", "datasets:wikitext", "\n\n".join(rows))
+        raise _missing(name, ddir, rel)
+    if name == "wikitext2-v1":
+        rel = "wikitext-2/test.txt"
+        p = _local_file(ddir, rel)
+        if p:
+            rows = _wikitext_rows(p)
+            return TextSource(name, "wikitext-2-v1 (tokenized)", "test", str(p), "\n\n".join(rows))
+        if hub_reachable():
+            rows = _hub_rows("wikitext", "wikitext-2-v1", "test", "text")
+            return TextSource(name, "wikitext-2-v1 (tokenized)", "test", "datasets:wikitext", "\n\n".join(rows))
+        raise _missing(name, ddir, rel)
+    if name == "ptb":
+        rel = "ptb/ptb.test.txt"
+        p = _local_file(ddir, rel)
+        if p:
+            sents = [ln.strip() for ln in p.read_text(encoding="utf-8").split("\n") if ln.strip()]
+            return TextSource(name, "ptb_text_only (Mikolov LM split)", "test", str(p), " ".join(sents))
+        if hub_reachable():
+            sents = _hub_rows("ptb_text_only", "penn_treebank", "test", "sentence")
+            return TextSource(name, "ptb_text_only (Mikolov LM split)", "test", "datasets:ptb_text_only", " ".join(sents))
+        raise _missing(name, ddir, rel)
+    if name == "c4":
+        rel = "c4/c4_validation_2k.parquet"
+        p = _local_file(ddir, rel)
+        if p:
+            import pyarrow.parquet as pq
+
+            docs = pq.read_table(p, columns=["text"]).column("text").to_pylist()[:1100]
+            return TextSource(name, "c4 en validation, data-kit 2k subset, first 1100 docs (not the papers' shard)",
+                              "validation", str(p), " ".join(docs), docs)
+        if hub_reachable():
+            import datasets
+
+            ds = datasets.load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                                       split="validation")
+            docs = list(ds["text"][:1100])
+            return TextSource(name, "c4 en validation shard 0, first 1100 docs", "validation", "datasets:allenai/c4", " ".join(docs), docs)
+        raise _missing(name, ddir, rel)
+    raise DataError(f"unknown dataset {name!r}; choose one of: wikitext2, wikitext2-v1, ptb, c4, pydoc, file:PATH")
+
+
+def calib_text(name: str, data_dir: str | os.PathLike | None = None) -> TextSource:
+    """The text calibration windows are drawn from (never the evaluation split)."""
+    name = name.strip()
+    if name.startswith("file:"):
+        text, docs = _read_user_file(name)
+        return TextSource(name, "user file", "all", name[5:], text, docs)
+    if name == "pydoc":
+        cal, _ = _pydoc_topics()
+        return TextSource("pydoc", "pydoc_data.topics, 4 of every 5 topics", "calibration", "embedded:pydoc_data", "\n\n".join(cal), cal)
+    ddir = resolve_data_dir(data_dir)
+    if name in ("wikitext2", "wikitext2-v1"):
+        rel = "wikitext-2/valid.txt"
+        p = _local_file(ddir, rel)
+        if p:
+            rows = _wikitext_rows(p)
+            return TextSource(name, "wikitext-2-v1 (tokenized)", "validation", str(p), " ".join(rows))
+        if hub_reachable():
+            cfg = "wikitext-2-raw-v1" if name == "wikitext2" else "wikitext-2-v1"
+            rows = _hub_rows("wikitext", cfg, "train", "text")
+            return TextSource(name, cfg, "train", "datasets:wikitext", " ".join(rows))
+        raise _missing(name, ddir, rel)
+    if name == "ptb":
+        rel = "ptb/ptb.valid.txt"
+        p = _local_file(ddir, rel)
+        if p:
+            sents = [ln.strip() for ln in p.read_text(encoding="utf-8").split("\n") if ln.strip()]
+            return TextSource(name, "ptb_text_only", "validation", str(p), " ".join(sents))
+        if hub_reachable():
+            sents = _hub_rows("ptb_text_only", "penn_treebank", "train", "sentence")
+            return TextSource(name, "ptb_text_only", "train", "datasets:ptb_text_only", " ".join(sents))
+        raise _missing(name, ddir, rel)
+    if name == "c4":
+        rel = "c4/c4_sample.jsonl"
+        p = _local_file(ddir, rel)
+        if p:
+            docs = [json.loads(ln)["text"] for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            return TextSource(name, "c4 en train shard 0, first 1000 docs", "train", str(p), "", docs)
+        if hub_reachable():
+            import datasets
+
+            ds = datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+            return TextSource(name, "c4 en train shard 0", "train", "datasets:allenai/c4", "", list(ds["text"][:5000]))
+        raise _missing(name, ddir, rel)
+    raise DataError(f"unknown calibration source {name!r}; choose one of: {', '.join(SOURCES)}, file:PATH")
+
+
+def with_pydoc_fallback(loader: Callable[[str], TextSource], name: str) -> TextSource:
+    """Load `name`; if it is wikitext2 and has neither a local copy nor a reachable hub, use pydoc and say so."""
+    try:
+        return loader(name)
+    except DataError as e:
+        if name != "wikitext2" or os.environ.get("COMPRESS_DATA_DIR"):
+            raise
+        log.warning("wikitext2 unavailable (%s); falling back to the embedded pydoc corpus", e)
+        src = loader("pydoc")
+        src.fallback_from = "wikitext2"
+        return src
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenization, caching, sampling
+# ---------------------------------------------------------------------------------------------------------------
+def tokenizer_fingerprint(tokenizer) -> str:
+    probe = "Hello world!\n\n = Robert Boulter = \n 3.14 <unk> 日本"
+    ids = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    h = hashlib.sha256(json.dumps([type(tokenizer).__name__, len(tokenizer), ids]).encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_file(kind: str, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / kind / f"{digest}.safetensors"
+
+
+def _cached(kind: str, key: dict[str, Any], build: Callable[[], torch.Tensor], use_cache: bool = True) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+
+    path = _cache_file(kind, key)
+    if use_cache and path.is_file():
+        try:
+            return load_file(str(path))["ids"]
+        except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
+            path.unlink(missing_ok=True)
+    ids = build()
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"ids": ids.contiguous()}, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
+        os.replace(tmp, path)
+    return ids
+
+
+def _source_key(src: TextSource) -> str:
+    body = src.text if src.text else "\x00".join(src.documents or [])
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
+
+
+def tokenize_text(src: TextSource, tokenizer, use_cache: bool = True) -> torch.Tensor:
+    """The whole text tokenized once, [1, T] int64 (the eval protocol's single tokenization)."""
+    key = {"what": "eval", "src": _source_key(src), "tok": tokenizer_fingerprint(tokenizer)}
+
+    def build() -> torch.Tensor:
+        import transformers
+
+        prev = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # silence "sequence length is longer than the maximum"
+        try:
+            return torch.tensor([tokenizer(src.text)["input_ids"]], dtype=torch.int64)
+        finally:
+            transformers.logging.set_verbosity(prev)
+
+    return _cached("tokens", key, build, use_cache)
+
+
+@dataclass
+class Calibration:
+    """N token sequences of length L, and how they were made (for the results record)."""
+
+    input_ids: torch.Tensor  # [N, L] int64
+    source: TextSource
+    seed: int
+
+    @property
+    def nsamples(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seqlen(self) -> int:
+        return self.input_ids.shape[1]
+
+    def record(self) -> dict[str, Any]:
+        return {**self.source.record(), "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
+
+
+def _check_counts(nsamples: int, seqlen: int) -> None:
+    from compress.core.errors import ConfigError
+
+    if nsamples < 1:
+        raise ConfigError(f"--nsamples {nsamples!r} is out of range; allowed: >= 1")
+    if seqlen < 2:
+        raise ConfigError(f"--seqlen {seqlen!r} is out of range; allowed: >= 2")
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """GPTQ's calibration sampling: random windows of seqlen tokens from one long token stream."""
+    total = ids.shape[-1]
+    if total <= seqlen:
+        raise DataError(f"calibration text has {total} tokens, fewer than --seqlen {seqlen}")
+    rng = random.Random(seed)
+    flat = ids.reshape(-1)
+    starts = [rng.randint(0, total - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([flat[s:s + seqlen] for s in starts])
+
+
+def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """GPTQ's C4 sampling: a random document longer than seqlen tokens, then a random window inside it."""
+    rng = random.Random(seed)
+    out = []
+    tries = 0
+    while len(out) < nsamples:
+        tries += 1
+        if tries > 200 * nsamples:
+            raise DataError(f"fewer than {nsamples} documents longer than --seqlen {seqlen} tokens in the calibration source")
+        doc = docs[rng.randint(0, len(docs) - 1)]
+        enc = tokenizer(doc)["input_ids"]
+        if len(enc) <= seqlen:
+            continue
+        s = rng.randint(0, len(enc) - seqlen - 1)
+        out.append(torch.tensor(enc[s:s + seqlen], dtype=torch.int64))
+    return torch.stack(out)
+
+
+def get_calibration(source: str, tokenizer, *, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+                    data_dir: str | None = None, model: torch.nn.Module | None = None, fallback: bool = False,
+                    use_cache: bool = True) -> Calibration:
+    """N calibration sequences of L tokens from `source`, deterministic for `seed`, cached on disk."""
+    _check_counts(nsamples, seqlen)
+    if source == "generated":
+        if model is None:
+            raise DataError("calibration source 'generated' samples from the model; no model was given")
+        return generated_calibration(model, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, use_cache=use_cache)
+    loader = lambda n: calib_text(n, data_dir)  # noqa: E731
+    src = with_pydoc_fallback(loader, source) if fallback else loader(source)
+    key = {"what": "calib", "src": _source_key(src), "tok": tokenizer_fingerprint(tokenizer), "n": nsamples, "L": seqlen,
+           "seed": seed, "docs": src.documents is not None and not src.text}
+
+    def build() -> torch.Tensor:
+        if src.documents is not None and not src.text:
+            return sample_documents(src.documents, tokenizer, nsamples, seqlen, seed)
+        return sample_windows(tokenize_text(src, tokenizer, use_cache), nsamples, seqlen, seed)
+
+    ids = _cached("calib", key, build, use_cache)
+    return Calibration(ids, src, seed)
+
+
+@torch.no_grad()
+def generated_calibration(model: torch.nn.Module, tokenizer, *, nsamples: int, seqlen: int, seed: int,
+                          greedy_tokens: int = 4, batch_size: int = 16, use_cache: bool = True) -> Calibration:
+    """Data-free calibration (LLM-QAT, Liu et al. 2023, Sec. 2.1): start from a random vocabulary token, take the
+    next few tokens greedily (top-1), then sample the rest from the model's distribution."""
+    from compress.layers.weights import count_parameters
+
+    key = {"what": "generated", "model": count_parameters(model), "cfg": hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16],
+           "w": float(next(model.parameters()).float().abs().sum()), "tok": tokenizer_fingerprint(tokenizer), "n": nsamples,
+           "L": seqlen, "seed": seed, "greedy": greedy_tokens}
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    vocab = [i for i in range(model.config.vocab_size) if i not in special and i < len(tokenizer)]
+
+    def build() -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        gen = torch.Generator().manual_seed(seed)
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        out = []
+        for b0 in tqdm(range(0, nsamples, batch_size), desc="generating calibration data", leave=False):
+            bs = min(batch_size, nsamples - b0)
+            first = torch.tensor([[vocab[int(i)]] for i in torch.randint(len(vocab), (bs,), generator=gen)], device=device)
+            common = dict(pad_token_id=pad, use_cache=True, eos_token_id=None)  # never stop early: fixed length
+            seq = model.generate(first, max_new_tokens=greedy_tokens, do_sample=False, min_new_tokens=greedy_tokens, **common)
+            torch.manual_seed(seed * 1_000_003 + b0)
+            seq = model.generate(seq, max_new_tokens=seqlen - seq.shape[1], min_new_tokens=seqlen - seq.shape[1],
+                                 do_sample=True, top_k=0, top_p=1.0, temperature=1.0, **common)
+            out.append(seq[:, :seqlen].cpu())
+        return torch.cat(out)
+
+    ids = _cached("calib", key, build, use_cache)
+    src = TextSource("generated", f"sampled from the model (greedy first {greedy_tokens} tokens, then sampling)",
+                     "generated", "model")
+    return Calibration(ids, src, seed)

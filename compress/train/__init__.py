@@ -1,0 +1,1 @@
+"""Family layer: the shared training loop, LoRA, fine-tuning data, fake-quant training, layer dropping."""

@@ -1,0 +1,257 @@
+"""Fine-tuning data and the held-out measurement shared by adapter-training methods (QLoRA, LoRA recovery).
+
+Data is either
+* instructions: a local `.jsonl` of {"instruction", "input", "output"} records (Alpaca's fields), or, online, a
+  `datasets` hub id with the same fields (`hf:tatsu-lab/alpaca`). Each record becomes prompt + response + EOS;
+  the prompt's tokens are masked with -100 in the labels, so only the response is learned (QLoRA trains on the
+  target only, Dettmers et al. 2023, Sec. 5 / Appendix B). The last `heldout` records are never trained on.
+* or plain LM text: `train_samples` windows of the run's calibration source (compress.train.trainer.training_data), and
+  `heldout` windows of that dataset's evaluation split as the held-out set.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.core.config import MethodConfig, option
+from compress.core.errors import ConfigError, DataError
+from compress.kernels.losses import Batch, lm_loss
+
+log = logging.getLogger("compress")
+
+# Alpaca's prompt (Taori et al. 2023), the usual template for {instruction, input, output} records.
+ALPACA = {
+    "with_input": ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                   "Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
+    "no_input": ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
+}
+
+
+@dataclass
+class InstructionOptions(MethodConfig):
+    instructions: str | None = option(None, "instruction data: a .jsonl of {instruction, input, output} records, or "
+                                            "hf:<dataset id> online; default: plain LM text of the --calib source")
+    prompt_format: str = option("alpaca", "how a record becomes a prompt: alpaca (Alpaca's template) or chat (the "
+                                          "tokenizer's chat template)", choices=("alpaca", "chat"))
+    heldout: int = option(16, "held-out examples (instruction records or text windows) to measure the loss on",
+                          range=(1, None))
+
+
+def load_instructions(spec: str) -> list[dict[str, str]]:
+    """Records {instruction, input, output} from a local .jsonl file or (online) a `datasets` id given as hf:ID."""
+    if spec.startswith("hf:"):
+        from compress.sources.data import hub_reachable
+
+        if not hub_reachable():
+            raise DataError(f"--instructions {spec!r}: the Hugging Face hub is not reachable; give a local .jsonl file")
+        import datasets
+
+        rows = list(datasets.load_dataset(spec[3:], split="train"))
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise DataError(f"--instructions {spec!r}: no such file (a .jsonl of {{instruction, input, output}} records, or hf:<id>)")
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise DataError(f"--instructions {spec!r}: line {i + 1} is not JSON") from None
+    records = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
+            raise DataError(f"--instructions {spec!r}: record {i + 1} needs string fields 'instruction' and 'output' "
+                            f"('input' optional)")
+        records.append({"instruction": row["instruction"], "input": str(row.get("input") or ""), "output": row["output"]})
+    if not records:
+        raise DataError(f"--instructions {spec!r} holds no records")
+    return records
+
+
+def prompt_text(record: dict[str, str], tokenizer, prompt_format: str) -> str:
+    if prompt_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("--prompt-format chat needs a tokenizer with a chat template; this one has none (use alpaca)")
+        user = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    template = ALPACA["with_input" if record["input"] else "no_input"]
+    return template.format(**record)
+
+
+def encode_instructions(records: list[dict[str, str]], tokenizer, seqlen: int, prompt_format: str = "alpaca") -> Batch:
+    """input_ids / labels / attention_mask [N, seqlen]: prompt tokens and padding are -100 in the labels; sequences
+    longer than seqlen are cut (a record whose response is cut away entirely is an error)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    ids = torch.full((len(records), seqlen), pad if pad is not None else 0, dtype=torch.int64)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, rec in enumerate(records):
+        prompt = tokenizer(prompt_text(rec, tokenizer, prompt_format), add_special_tokens=prompt_format != "chat")["input_ids"]
+        answer = tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        seq = (prompt + answer)[:seqlen]
+        if len(prompt) >= seqlen:
+            raise DataError(f"instruction record {i + 1}: its prompt alone has {len(prompt)} tokens, not fewer than "
+                            f"--train-seqlen {seqlen}; raise --train-seqlen")
+        ids[i, :len(seq)] = torch.tensor(seq)
+        labels[i, len(prompt):len(seq)] = torch.tensor(seq[len(prompt):])
+        mask[i, :len(seq)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def finetune_data(ctx: Any, model: nn.Module, config: Any) -> tuple[Batch, Batch, dict[str, Any]]:
+    """(training batch, held-out batch, description for the record) for a method whose config has TrainConfig's
+    and InstructionOptions' fields."""
+    from compress.train.trainer import training_data
+
+    if config.instructions:
+        records = load_instructions(config.instructions)
+        if len(records) <= config.heldout:
+            raise DataError(f"--instructions {config.instructions!r} has {len(records)} records; more than --heldout "
+                            f"{config.heldout} are needed (the last {config.heldout} are held out)")
+        train_recs, held_recs = records[:-config.heldout], records[-config.heldout:]
+        train = encode_instructions(train_recs, ctx.tokenizer, config.train_seqlen, config.prompt_format)
+        held = encode_instructions(held_recs, ctx.tokenizer, config.train_seqlen, config.prompt_format)
+        desc = {"data": "instructions", "source": config.instructions, "prompt_format": config.prompt_format,
+                "train_records": len(train_recs), "heldout_records": len(held_recs), "seqlen": config.train_seqlen}
+        return train, held, desc
+    from compress.sources.data import eval_text, tokenize_text, with_pydoc_fallback
+
+    ids = training_data(ctx, model, config)
+    src_name = ctx.calibration.source.name if ctx.calibration is not None else "wikitext2"
+    if src_name == "generated":
+        raise ConfigError("plain-text fine-tuning needs a text source for its held-out windows; --calib generated has "
+                          "none (use --instructions or another --calib)")
+    loader = lambda n: eval_text(n, ctx.data_dir)  # noqa: E731
+    src = with_pydoc_fallback(loader, src_name) if ctx.data_dir is None else loader(src_name)
+    stream = tokenize_text(src, ctx.tokenizer)[0]
+    n = min(config.heldout, stream.numel() // config.train_seqlen)
+    if n < 1:
+        raise DataError(f"{src.name}: its evaluation text has fewer than --train-seqlen {config.train_seqlen} tokens")
+    held = {"input_ids": stream[: n * config.train_seqlen].view(n, config.train_seqlen).clone()}
+    desc = {"data": "text", "train_source": src_name, "train_sequences": int(ids.shape[0]), "seqlen": config.train_seqlen,
+            "heldout_source": f"{src.name} {src.split} (first {n} windows)", "heldout_sequences": n}
+    return {"input_ids": ids}, held, desc
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, batch: Batch, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy over every labelled token of the held-out batch (model in eval mode)."""
+    was = model.training
+    model.eval()
+    n = batch["input_ids"].shape[0]
+    device = next(p for p in model.parameters() if p.is_floating_point()).device
+    total, count = 0.0, 0
+    for s in range(0, n, batch_size):
+        part = {k: v[s:s + batch_size].to(device) for k, v in batch.items()}
+        labels = part.get("labels", part["input_ids"])
+        tokens = int((labels[:, 1:] != -100).sum())
+        total += lm_loss(model, part).item() * tokens
+        count += tokens
+    model.train(was)
+    if count == 0:
+        raise DataError("the held-out set has no labelled tokens")
+    return total / count
+
+
+def describe_losses(before: float, after: float) -> dict[str, float]:
+    return {"heldout_loss_before": round(before, 5), "heldout_loss_after": round(after, 5),
+            "heldout_ppl_before": round(math.exp(before), 4), "heldout_ppl_after": round(math.exp(after), 4)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training adapters, and keeping a pruned model's zeros where they are
+# ---------------------------------------------------------------------------------------------------------------
+def train_adapters(peft_model: nn.Module, ctx: Any, config: Any, train: Batch, held: Batch, *, desc: str,
+                   loss_fn=lm_loss) -> dict[str, Any]:
+    """Train the adapters of `peft_model` with the shared Trainer; held-out loss before and after. Returns the
+    report: training summary plus held-out losses."""
+    from compress.train.trainer import Trainer
+
+    bs = config.train_batch_size
+    peft_model.to(ctx.device)
+    before = heldout_loss(peft_model, held, bs)
+    log.info("%s: held-out loss before training %.4f", desc, before)
+    trainer = Trainer(peft_model, train, config, loss_fn=loss_fn, device=ctx.device, seed=ctx.seed, desc=desc,
+                      progress=ctx.progress, eval_fn=lambda m: {"heldout_loss": heldout_loss(m, held, bs)})
+    result = trainer.train()
+    after = result.evals[-1]["heldout_loss"] if result.evals else heldout_loss(peft_model, held, bs)
+    log.info("%s: held-out loss %.4f -> %.4f after %d steps", desc, before, after, result.steps)
+    return {**result.summary(), **describe_losses(before, after)}
+
+
+def require_float_linears(model: nn.Module, method: str, advice: str) -> None:
+    """Refuse (one ConfigError) a model whose layers hold integer codes (this project's compressed modules, NF4):
+    `method` trains or re-quantizes float weights."""
+    from compress.formats import compressed_modules
+    from compress.layers.nf4 import is_nf4_linear
+
+    # sparse layers (SparseLinear: a float weight with zeros) train like any float linear; their zeros are kept
+    quantized = [n for n, m in compressed_modules(model).items() if not _float_linear(m)]
+    quantized += [n for n, m in model.named_modules() if is_nf4_linear(m)]
+    if quantized:
+        raise ConfigError(f"{method} needs float linear weights; the model holds quantized layers ({quantized[0]}, ...): "
+                          f"{advice}")
+
+
+def _float_linear(mod: nn.Module) -> bool:
+    """A linear whose weight is a float tensor it trains directly (nn.Linear, the pruners' SparseLinear), not integer
+    codes (QuantLinear, bitsandbytes int8/NF4)."""
+    w = getattr(mod, "weight", None)
+    return isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.is_floating_point() and \
+        type(w) in (torch.Tensor, nn.Parameter)
+
+
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Where the decoder blocks' linear weights are exactly zero (a pruned model's masks), per module name; modules
+    without zeros are left out."""
+    from compress.model.arch import find_blocks
+
+    path, blocks = find_blocks(model)
+    masks = {}
+    for i, block in enumerate(blocks):
+        for name, mod in block.named_modules():
+            if _float_linear(mod):
+                zero = mod.weight.detach() == 0
+                if bool(zero.any()):
+                    masks[f"{path}.{i}.{name}"] = zero
+    return masks
+
+
+def sparsity(masks: dict[str, torch.Tensor], model: nn.Module) -> float:
+    """Fraction of zeros over the block linears of `model` (those named in masks and the others)."""
+    from compress.model.arch import find_blocks
+
+    _, blocks = find_blocks(model)
+    total = sum(m.weight.numel() for b in blocks for m in b.modules() if _float_linear(m))
+    return sum(int(z.sum()) for z in masks.values()) / total if total else 0.0
+
+
+def keep_zeros_in_training(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[Any]:
+    """Gradient hooks that zero the gradient of every masked weight: with AdamW and no weight decay on those
+    entries their moments stay zero, so the weights stay exactly zero (sparsity kept through training)."""
+    handles = []
+    for name, zero in masks.items():
+        w = model.get_submodule(name).weight
+        keep = (~zero).to(w.device)
+        handles.append(w.register_hook(lambda g, keep=keep: g * keep.to(g.dtype)))
+    return handles
+
+
+@torch.no_grad()
+def reapply_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Set the masked weights back to zero (after merging dense adapter updates into pruned weights)."""
+    for name, zero in masks.items():
+        model.get_submodule(name).weight.masked_fill_(zero.to(model.get_submodule(name).weight.device), 0)
