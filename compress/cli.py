@@ -1,14 +1,14 @@
-"""The `compress` command line (click). Verbs only: the work happens in compress.run.runner and the methods.
+"""The `compress` command line (click). Verbs only: the work happens in compress.run and the methods.
 
-Each compression verb gets the options shared by every run plus the options of the methods of its family, read from
-the methods' typed configs; an option the chosen method does not have is an error that lists the ones it has.
+Each verb is built when it is called, so that `compress --help` imports neither torch nor any method. The options
+shared by every run are generated from the RunSpec fields (compress.run.spec); each compression verb adds the
+options of the methods of its family, read from the methods' typed configs; an option the chosen method does not
+have is an error that lists the ones it has.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import sys
-import typing
 from typing import Any, Callable
 
 import click
@@ -16,70 +16,89 @@ import click
 from compress.core.config import _base_type, flag_name
 from compress.core.errors import CompressError
 from compress.run.console import _console, _fail, _setup_logging
+from compress.run.spec import RUN, RunSpec, coerce, run_fields
 
 log = logging.getLogger("compress")
-_RUN_OPTION_NAMES: set[str] = set()
+
+# verb -> (builder, one line of help): the help is written here so that listing the verbs builds none of them
+VERBS: dict[str, tuple[str, str]] = {
+    "methods": ("_methods_cmd", "List the registered methods: family, summary, what they need."),
+    "quantize": ("_quantize_cmd", "Post-training quantization (--method rtn, gptq, owq, ...)."),
+    "prune": ("_prune_cmd", "Pruning (--method magnitude, wanda, sparsegpt, owl, llm-pruner)."),
+    "finetune": ("_finetune_cmd", "Training-aware compression (--method qat, peqa, llm-qat, qlora, lora)."),
+    "distill": ("_distill_cmd", "Knowledge distillation into a smaller student."),
+    "recipe": ("_recipe_cmd", "Run a recipe file: methods composed in order."),
+    "eval": ("_eval_cmd", "Evaluate a model or checkpoint: perplexity, zero-shot tasks, size."),
+    "report": ("_report_cmd", "Accuracy vs size from the results store: table, Pareto front, plot."),
+    "grid": ("_grid_cmd", "Experiment grids, resumable: models x methods x calibration x evaluations."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose verbs are built on first use; their one-line help comes from VERBS."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(VERBS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in VERBS:
+            return None
+        cmd = globals()[VERBS[name][0]]()
+        cmd.name = name
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, help_) in VERBS.items()])
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Options
 # ---------------------------------------------------------------------------------------------------------------
-def run_options(fn: Callable) -> Callable:
-    """Options shared by every compression verb."""
-    opts = [
-        click.option("--model", "-m", default="smollm2", show_default=True, help="hub id, local folder, .gguf file, or 'smollm2' (the offline default)"),
-        click.option("--dtype", default="auto", show_default=True, help="compute dtype: auto (bfloat16), float32, bfloat16, float16"),
-        click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda[:N]"),
-        click.option("--calib", default="wikitext2", show_default=True, help="calibration source: wikitext2, wikitext2-v1, ptb, c4, pydoc, generated, file:PATH"),
-        click.option("--nsamples", default=128, show_default=True, type=int, help="calibration sequences"),
-        click.option("--seqlen", default=512, show_default=True, type=int, help="tokens per calibration sequence"),
-        click.option("--seed", default=0, show_default=True, type=int, help="seed for calibration sampling and training"),
-        click.option("--data-dir", default=None, help="local data kit folder (else $COMPRESS_DATA_DIR, else ~/.cache/compress/data, else the hub)"),
-        click.option("--eval", "eval_sets", default="wikitext2", show_default=True, help="perplexity datasets, comma-separated (wikitext2, wikitext2-v1, ptb, c4, pydoc, file:PATH); 'none' to skip"),
-        click.option("--eval-seqlen", default=2048, show_default=True, type=int, help="perplexity window length"),
-        click.option("--eval-windows", default="32", show_default=True, help="perplexity windows to use (a cap for quick runs); 'all' for the whole split"),
-        click.option("--tasks", default=None, help="lm-eval zero-shot tasks, comma-separated (e.g. piqa,arc_easy)"),
-        click.option("--limit", "task_limit", default=None, type=int, help="items per lm-eval task (a cap for quick runs)"),
-        click.option("--no-baseline", is_flag=True, help="skip measuring the uncompressed model"),
-        click.option("--output", "-o", default=None, help="checkpoint folder (default: checkpoints/<model>-<method>-<setting>)"),
-        click.option("--no-save", is_flag=True, help="do not write a checkpoint"),
-        click.option("--overwrite", is_flag=True, help="replace an existing checkpoint folder"),
-        click.option("--export", "exports", multiple=True, help="also write this checkpoint format (dense, gptq, compressed-tensors, ...); repeatable"),
-        click.option("--results-dir", default=None, help="results store folder (default: $COMPRESS_RESULTS_DIR or ./results)"),
-        click.option("--batch-size", default=8, show_default=True, type=int, help="calibration sequences per forward pass in the engine"),
-        click.option("--spill", default="auto", show_default=True, type=click.Choice(["auto", "always", "never"]), help="keep the activation cache in a memory-mapped file on disk"),
-        click.option("--ignore", multiple=True, help="regex of linear layer names to leave uncompressed; repeatable"),
-        click.option("--no-progress", is_flag=True, help="no progress bars"),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
+def _click_option(f: dataclasses.Field) -> Callable:
+    """A click option for one RunSpec field (its metadata says how; compress.run.spec)."""
+    meta = f.metadata
+    flag = meta.get("flag") or flag_name(f.name)
+    names = [flag] + ([meta["short"]] if meta.get("short") else [])
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if f.type in (bool, "bool"):
+        return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, show_default=True, help=meta["help"])
+    if meta.get("multiple"):
+        return click.option(*names, f.name, multiple=True, help=meta["help"])
+    if meta.get("sep"):
+        return click.option(*names, f.name, default=meta["sep"].join(default) or None, show_default=bool(default),
+                            help=meta["help"])
+    kind = meta.get("cli_type") or {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+    if meta.get("choices"):
+        kind = click.Choice(list(meta["choices"]))
+    return click.option(*names, f.name, default=default, show_default=default is not None, type=kind,
+                        help=meta["help"])
 
 
-_RUN_KEYS = ("model", "dtype", "device", "calib", "nsamples", "seqlen", "seed", "data_dir", "eval_sets", "eval_seqlen",
-             "eval_windows", "tasks", "task_limit", "no_baseline", "output", "no_save", "overwrite", "exports",
-             "results_dir", "batch_size", "spill", "ignore", "no_progress")
+def run_options(verb: str = RUN) -> Callable[[Callable], Callable]:
+    """The RunSpec options a verb offers ("run": the compression verbs, "eval": compress eval)."""
+    def deco(fn: Callable) -> Callable:
+        for f in reversed(run_fields(verb)):
+            fn = _click_option(f)(fn)
+        return fn
+
+    return deco
 
 
-def _click_type(tp: Any):
-    base, _ = _base_type(tp)
-    return {int: int, float: float, str: str}.get(base, str)
-
-
-def method_options(family: str | tuple[str, ...]) -> Callable[[Callable], Callable]:
+def method_options(family: str) -> Callable[[Callable], Callable]:
     """Add the union of the options of every method of `family` (each defaulting to 'not given')."""
     from compress.pipeline.method import all_methods
 
-    families = (family,) if isinstance(family, str) else family
+    run_keys = {f.name for f in run_fields()}
 
     def deco(fn: Callable) -> Callable:
         seen: dict[str, list[str]] = {}
         specs: dict[str, tuple[Any, Any]] = {}
         for name, cls in all_methods().items():
-            if cls.family not in families:
+            if cls.family != family:
                 continue
             for f, tp in cls.Config.field_specs():
-                if not f.metadata.get("cli", True) or f.name in _RUN_KEYS or f.name == "method":
+                if not f.metadata.get("cli", True) or f.name in run_keys or f.name == "method":
                     continue
                 seen.setdefault(f.name, []).append(name)
                 specs.setdefault(f.name, (f, tp))
@@ -87,69 +106,38 @@ def method_options(family: str | tuple[str, ...]) -> Callable[[Callable], Callab
             f, tp = specs[fname]
             base, _ = _base_type(tp)
             users = seen[fname]
-            default = f.default if f.default is not dataclasses_missing() else None
+            default = f.default if f.default is not dataclasses.MISSING else None
             help_text = f"[{', '.join(users)}] {f.metadata.get('help', '')}"
             if len(users) == 1 and default is not None:
                 help_text += f" (default: {default})"
             if base is bool:
                 opt = click.option(f"{flag_name(fname)}/--no-{fname.replace('_', '-')}", fname, default=None, help=help_text)
             else:
-                opt = click.option(flag_name(fname), fname, default=None, type=_click_type(tp), help=help_text)
+                kind = {int: int, float: float, str: str}.get(base, str)
+                opt = click.option(flag_name(fname), fname, default=None, type=kind, help=help_text)
             fn = opt(fn)
         return fn
 
     return deco
 
 
-def dataclasses_missing():
-    import dataclasses
-
-    return dataclasses.MISSING
-
-
-def _split(value: str | None) -> list[str]:
-    if not value or value.strip().lower() == "none":
-        return []
-    return [v.strip() for v in value.split(",") if v.strip()]
+def _spec(kind: str, stages: list[dict[str, Any]], kw: dict[str, Any], **extra) -> RunSpec:
+    """The run's spec from the verb's keyword arguments (RunSpec fields; anything else is a method option)."""
+    return RunSpec.build({f.name: kw.pop(f.name) for f in run_fields() if f.name in kw}, kind=kind, stages=stages,
+                         **extra)
 
 
-def _windows(value: str | None) -> int | None:
-    if value is None or str(value).lower() == "all":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise CompressError(f"--eval-windows {value!r} is not a number or 'all'") from None
-
-
-def spec_from_cli(kind: str, stages: list[dict[str, Any]], kw: dict[str, Any], **extra):
-    from compress.run.runner import RunSpec
-
-    return RunSpec(
-        kind=kind, stages=stages, model=kw["model"], dtype=kw["dtype"], device=kw["device"], calib=kw["calib"],
-        nsamples=kw["nsamples"], seqlen=kw["seqlen"], seed=kw["seed"], data_dir=kw["data_dir"],
-        eval=_split(kw["eval_sets"]), eval_seqlen=kw["eval_seqlen"], eval_windows=_windows(kw["eval_windows"]),
-        tasks=_split(kw["tasks"]), task_limit=kw["task_limit"], baseline=not kw["no_baseline"], output=kw["output"],
-        save=not kw["no_save"], overwrite=kw["overwrite"], exports=list(kw["exports"]), results_dir=kw["results_dir"],
-        batch_size=kw["batch_size"], spill=kw["spill"], ignore=list(kw["ignore"]), progress=not kw["no_progress"], **extra,
-    )
-
-
-def _run_method_verb(kind: str, family: str | tuple[str, ...], method: str, kw: dict[str, Any], **extra) -> None:
-    from compress.pipeline.method import get_method
+def _run_method_verb(kind: str, family: str, method: str, kw: dict[str, Any], **extra) -> None:
+    from compress.pipeline.method import all_methods, get_method
     from compress.run.runner import execute
 
     try:
         cls = get_method(method)
-        fams = (family,) if isinstance(family, str) else family
-        if cls.family not in fams:
-            from compress.pipeline.method import all_methods
-
-            same = [n for n, c in all_methods().items() if c.family in fams]
+        if cls.family != family:
+            same = [n for n, c in all_methods().items() if c.family == family]
             raise CompressError(f"method {method!r} is a {cls.family} method; `compress {kind}` takes: {', '.join(same)}")
-        run_kw = {k: kw.pop(k) for k in _RUN_KEYS}
-        options = {k: v for k, v in kw.items() if v is not None}
-        spec = spec_from_cli(kind, [{"method": cls.name, **options}], run_kw, **extra)
+        spec = _spec(kind, [], kw, **extra)
+        spec.stages = [{"method": cls.name, **{k: v for k, v in kw.items() if v is not None}}]
         execute(spec, console=_console())
     except CompressError as e:
         _fail(e)
@@ -158,7 +146,7 @@ def _run_method_verb(kind: str, family: str | tuple[str, ...], method: str, kw: 
 # ---------------------------------------------------------------------------------------------------------------
 # Verbs
 # ---------------------------------------------------------------------------------------------------------------
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.option("-v", "--verbose", count=True, help="more log output")
 @click.option("-q", "--quiet", is_flag=True, help="warnings and results only")
 @click.version_option(package_name="compress")
@@ -167,139 +155,167 @@ def main(verbose: int, quiet: bool) -> None:
     _setup_logging(verbose, quiet)
 
 
-@main.command("methods")
-@click.option("--family", default=None, help="only this family")
-def methods_cmd(family: str | None) -> None:
-    """List the registered methods with family, summary and what they need."""
-    from rich.table import Table
+def _methods_cmd() -> click.Command:
+    @click.command(help=VERBS["methods"][1])
+    @click.option("--family", default=None, help="only this family")
+    def methods_cmd(family: str | None) -> None:
+        from rich.table import Table
 
-    from compress.pipeline.method import FAMILIES, all_methods
+        from compress.pipeline.method import FAMILIES, all_methods
 
-    if family and family not in FAMILIES:
-        _fail(CompressError(f"--family {family!r} is not one of: {', '.join(FAMILIES)}"))
-    t = Table(title="compression methods")
-    for col in ("method", "family", "summary", "needs", "paper"):
-        t.add_column(col)
-    for name, cls in all_methods().items():
-        if family and cls.family != family:
-            continue
-        t.add_row(name, cls.family, cls.summary, cls.needs.describe(), cls.paper)
-    _console().print(t)
-
-
-@main.command("quantize")
-@click.option("--method", required=True, help="a quantization method (see `compress methods`)")
-@run_options
-@method_options("quantization")
-def quantize_cmd(method: str, **kw) -> None:
-    """Post-training quantization, e.g. `compress quantize --method gptq --bits 4 --group-size 128`."""
-    _run_method_verb("quantize", "quantization", method, kw)
-
-
-@main.command("prune")
-@click.option("--method", required=True, help="a pruning method (see `compress methods`)")
-@run_options
-@method_options("pruning")
-def prune_cmd(method: str, **kw) -> None:
-    """Pruning, e.g. `compress prune --method wanda --sparsity 0.5`."""
-    _run_method_verb("prune", "pruning", method, kw)
-
-
-@main.command("finetune")
-@click.option("--method", required=True, help="a training-aware method (see `compress methods`)")
-@run_options
-@method_options("training-aware")
-def finetune_cmd(method: str, **kw) -> None:
-    """Training-aware compression, e.g. `compress finetune --method qlora --steps 200`."""
-    _run_method_verb("finetune", "training-aware", method, kw)
-
-
-@main.command("distill")
-@click.option("--method", default="distill", show_default=True, help="a distillation method (see `compress methods`)")
-@click.option("--teacher", default=None, help="teacher model (default: the --model itself)")
-@run_options
-@method_options("distillation")
-def distill_cmd(method: str, teacher: str | None, **kw) -> None:
-    """Knowledge distillation into a smaller student, e.g. `compress distill --student-layers 15`."""
-    _run_method_verb("distill", "distillation", method, kw, teacher=teacher or kw["model"])
-
-
-@main.command("recipe")
-@click.argument("recipe_file", type=click.Path())
-@run_options
-def recipe_cmd(recipe_file: str, **kw) -> None:
-    """Run a recipe file: methods composed in order (e.g. SmoothQuant then GPTQ). Settings in the file (model,
-    calib, nsamples, ...) apply unless given on the command line."""
-    import yaml
-
-    from compress.pipeline.recipe import Recipe
-    from compress.run.runner import execute
-
-    try:
-        Recipe.from_yaml(recipe_file)  # validates stages
-        doc = yaml.safe_load(open(recipe_file)) or {}
-        ctx = click.get_current_context()
-        for key, value in doc.items():
-            if key == "stages":
+        if family and family not in FAMILIES:
+            _fail(CompressError(f"--family {family!r} is not one of: {', '.join(FAMILIES)}"))
+        t = Table(title="compression methods")
+        for col in ("method", "family", "summary", "needs", "paper"):
+            t.add_column(col)
+        for name, cls in all_methods().items():
+            if family and cls.family != family:
                 continue
-            pkey = {"eval": "eval_sets"}.get(key, key)
-            if pkey not in kw:
-                raise CompressError(f"recipe file setting {key!r} is not a run option; known: {', '.join(sorted(_RUN_KEYS))}")
-            if ctx.get_parameter_source(pkey) == click.core.ParameterSource.DEFAULT:
-                if isinstance(value, list) and pkey in ("eval_sets", "tasks"):
-                    value = ",".join(value)
-                elif isinstance(value, str) and pkey in ("ignore", "exports"):
-                    value = [value]  # a single pattern or format, not a list of its characters
-                kw[pkey] = value
-        spec = spec_from_cli("recipe", doc["stages"], kw)
-        execute(spec, console=_console())
-    except CompressError as e:
-        _fail(e)
+            t.add_row(name, cls.family, cls.summary, cls.needs.describe(), cls.paper)
+        _console().print(t)
+
+    return methods_cmd
 
 
-@main.command("eval")
-@click.option("--model", "-m", default="smollm2", show_default=True, help="hub id, folder, checkpoint folder, .gguf, or 'smollm2'")
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--data-dir", default=None)
-@click.option("--eval", "eval_sets", default="wikitext2", show_default=True, help="perplexity datasets, comma-separated; 'none' to skip")
-@click.option("--eval-seqlen", default=2048, show_default=True, type=int)
-@click.option("--eval-windows", default="32", show_default=True, help="windows to use, or 'all'")
-@click.option("--tasks", default=None, help="lm-eval zero-shot tasks, comma-separated")
-@click.option("--limit", "task_limit", default=None, type=int, help="items per lm-eval task")
-@click.option("--efficiency", is_flag=True, help="also measure prefill/decode tokens per second, peak memory, kernel kind")
-@click.option("--results-dir", default=None)
-@click.option("--no-progress", is_flag=True)
-def eval_cmd(**kw) -> None:
-    """Evaluate a model or a checkpoint folder: perplexity, zero-shot tasks, size."""
-    from compress.run.runner import RunSpec, execute
+def _family_verb(kind: str, family: str, example: str, *, default_method: str | None = None) -> click.Command:
+    @click.command(help=f"{VERBS[kind][1].split(' (')[0].rstrip('.')}, e.g. `compress {kind} {example}`.")
+    @click.option("--method", required=default_method is None, default=default_method,
+                  show_default=default_method is not None, help=f"a {family} method (see `compress methods`)")
+    @run_options()
+    @method_options(family)
+    def verb(method: str, **kw) -> None:
+        extra = {"teacher": kw.pop("teacher") or kw["model"]} if kind == "distill" else {}
+        _run_method_verb(kind, family, method, kw, **extra)
 
-    try:
-        spec = RunSpec(kind="eval", model=kw["model"], dtype=kw["dtype"], device=kw["device"], data_dir=kw["data_dir"],
-                       eval=_split(kw["eval_sets"]), eval_seqlen=kw["eval_seqlen"], eval_windows=_windows(kw["eval_windows"]),
-                       tasks=_split(kw["tasks"]), task_limit=kw["task_limit"], results_dir=kw["results_dir"],
-                       save=False, progress=not kw["no_progress"], efficiency=kw["efficiency"])
-        execute(spec, console=_console())
-    except CompressError as e:
-        _fail(e)
+    if kind == "distill":
+        verb = click.option("--teacher", default=None, help="teacher model (default: the --model itself)")(verb)
+    return verb
 
 
-def _register_extra_commands() -> None:
-    """Verbs contributed by other modules (report, grid), if present."""
-    import importlib
+def _quantize_cmd() -> click.Command:
+    return _family_verb("quantize", "quantization", "--method gptq --bits 4 --group-size 128")
 
-    for mod in ("compress.run.report", "compress.run.grid"):
+
+def _prune_cmd() -> click.Command:
+    return _family_verb("prune", "pruning", "--method wanda --sparsity 0.5")
+
+
+def _finetune_cmd() -> click.Command:
+    return _family_verb("finetune", "training-aware", "--method qlora --steps 200")
+
+
+def _distill_cmd() -> click.Command:
+    return _family_verb("distill", "distillation", "--student-layers 15", default_method="distill")
+
+
+def _recipe_cmd() -> click.Command:
+    @click.command()
+    @click.argument("recipe_file", type=click.Path())
+    @run_options()
+    def recipe_cmd(recipe_file: str, **kw) -> None:
+        """Run a recipe file: methods composed in order (e.g. SmoothQuant then GPTQ). Settings in the file (model,
+        calib, nsamples, ...) apply unless given on the command line."""
+        from compress.pipeline.recipe import Recipe
+        from compress.run.runner import execute
+
         try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        if hasattr(m, "register_cli"):
-            m.register_cli(main)
+            _, doc = Recipe.from_yaml(recipe_file)  # validates the stages
+            settings = {k: v for k, v in doc.items() if k != "stages"}
+            ctx = click.get_current_context()
+            spec = RunSpec.build(settings, where=f"recipe file {recipe_file!r}")  # checked and coerced
+            for f in run_fields(RUN):
+                if f.name in settings and ctx.get_parameter_source(f.name) == click.core.ParameterSource.DEFAULT:
+                    kw[f.name] = getattr(spec, f.name)
+                else:
+                    kw[f.name] = coerce(f, kw[f.name])
+            execute(_spec("recipe", doc["stages"], kw), console=_console())
+        except CompressError as e:
+            _fail(e)
+
+    return recipe_cmd
 
 
-_register_extra_commands()
+def _eval_cmd() -> click.Command:
+    @click.command(help=VERBS["eval"][1])
+    @run_options("eval")
+    def eval_cmd(**kw) -> None:
+        from compress.run.runner import execute
+
+        try:
+            execute(_spec("eval", [], kw, save=False), console=_console())
+        except CompressError as e:
+            _fail(e)
+
+    return eval_cmd
+
+
+def _report_cmd() -> click.Command:
+    from compress.run.report import SIZE_AXES
+
+    @click.command()
+    @click.option("--metric", default="wikitext2_ppl", show_default=True,
+                  help="metric key: wikitext2_ppl (or ppl_wikitext2), c4_ppl, piqa_acc, hellaswag_acc_norm, ...")
+    @click.option("--model", "-m", default=None, help="only records of this model (name, spec or fingerprint)")
+    @click.option("--results-dir", default=None, help="results store folder (default: $COMPRESS_RESULTS_DIR or ./results)")
+    @click.option("--size", "axis", default="bits", show_default=True, type=click.Choice(SIZE_AXES),
+                  help="size axis: bits per weight, or bytes of the model in memory")
+    @click.option("--protocol", default=None, help="protocol key (or prefix) to report (default: the most common)")
+    @click.option("--out", default=None, help="output path without extension (default: <results-dir>/report-<metric>)")
+    def report_cmd(**kw) -> None:
+        """Accuracy (or perplexity) vs size from the results store: table, Pareto front, PNG and Markdown."""
+        from compress.run.report import report
+
+        try:
+            report(console=_console(), **kw)
+        except CompressError as e:
+            _fail(e)
+
+    return report_cmd
+
+
+def _grid_cmd() -> click.Command:
+    @click.group()
+    def grid_group() -> None:
+        """Experiment grids: models x methods x options x calibration x evaluations, resumable."""
+
+    @grid_group.command("run")
+    @click.argument("grid_file", type=click.Path())
+    @click.option("--results-dir", default=None, help="results store folder (default: the grid's results_dir, "
+                                                      "$COMPRESS_RESULTS_DIR or ./results)")
+    @click.option("--executor", default="in-process", show_default=True, type=click.Choice(["in-process", "ray"]))
+    @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
+    @click.option("--num-cpus", default=None, type=int, help="CPUs of a local Ray instance (default: all)")
+    @click.option("--cpus-per-cell", default=1.0, show_default=True, type=float, help="Ray CPUs requested per cell")
+    @click.option("--gpus-per-cell", default=None, type=float, help="Ray GPUs per cell (default: 1 when the cluster has GPUs, else 0)")
+    @click.option("--retry-failed/--skip-failed", default=True, show_default=True, help="run failed cells again")
+    def grid_run(grid_file: str, **kw) -> None:
+        """Run every cell that has no successful record yet."""
+        from compress.run.grid import run_grid
+
+        try:
+            console = _console()
+            out = run_grid(grid_file, console=console, **kw)
+            console.print(f"grid: {out['cells']} cells, {out['skipped']} already done, ran {out['ran']}: "
+                          f"{out['ok']} ok, {out['failed']} failed")
+            if out["failed"]:
+                raise SystemExit(1)
+        except CompressError as e:
+            _fail(e)
+
+    @grid_group.command("status")
+    @click.argument("grid_file", type=click.Path())
+    @click.option("--results-dir", default=None)
+    def grid_status(grid_file: str, results_dir: str | None) -> None:
+        """Show each cell as done, failed or pending."""
+        from compress.run.grid import load_grid, print_status
+
+        try:
+            print_status(load_grid(grid_file, results_dir), _console())
+        except CompressError as e:
+            _fail(e)
+
+    return grid_group
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -81,7 +81,8 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> tuple["Recipe", dict[str, Any]]:
-        """Read a recipe file: `stages:` plus optional run settings (model, calib, nsamples, ...)."""
+        """Read a recipe file: `stages:` plus optional run settings (model, calib, nsamples, ...). Returns the recipe
+        and the file's mapping (the stages as written, and the settings)."""
         import yaml
 
         p = Path(path)
@@ -90,8 +91,7 @@ class Recipe:
         doc = yaml.safe_load(p.read_text()) or {}
         if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list):
             raise ConfigError(f"recipe file {str(path)!r} needs a 'stages:' list")
-        settings = {k: v for k, v in doc.items() if k != "stages"}
-        return cls.from_specs(doc["stages"]), settings
+        return cls.from_specs(doc["stages"]), doc
 
     # ------------------------------------------------------------------------------------------------------------
     @property

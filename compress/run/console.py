@@ -18,21 +18,24 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     for noisy in ("transformers", "datasets", "urllib3", "filelock", "httpx", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # read by transformers and huggingface_hub when they are imported (later, by the command that needs them), so
+    # that setting up the console imports neither
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    if "transformers" in sys.modules:  # already imported (e.g. by a caller of the Python API)
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].logging.disable_progress_bar()
 
 
 def _console():
-    from rich.console import Console
-
     import shutil
+
+    from rich.console import Console
 
     width = shutil.get_terminal_size((140, 40)).columns if sys.stdout.isatty() else 140
     return Console(stderr=False, width=width)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compress.core.errors import CompressError, ConfigError
+from compress.run.spec import RunSpec, coerce
 
 log = logging.getLogger("compress")
 
@@ -46,6 +47,7 @@ EVAL_KEYS = {"eval": "eval", "eval_seqlen": "eval_seqlen", "eval_windows": "eval
              "eval_batch_size": "eval_batch_size", "tasks": "tasks", "limit": "task_limit", "task_limit": "task_limit",
              "efficiency": "efficiency"}
 # RunSpec fields a grid sets itself; everything else may come from `run:`.
+SPEC_FIELDS = {f.name: f for f in fields(RunSpec)}
 _OWN_FIELDS = {"kind", "stages", "model", "tag", "output", "results_dir", "progress", *CALIB_KEYS,
                *EVAL_KEYS.values()}
 KIND_OF_FAMILY = {"quantization": "quantize", "pruning": "prune", "training-aware": "finetune", "distillation": "distill"}
@@ -60,17 +62,13 @@ class Cell:
     def spec(self, results_dir: str | None, output_dir: str | None):
         """The RunSpec of this cell."""
         from compress.pipeline.recipe import Recipe
-        from compress.run.runner import RunSpec
 
         c = self.config
         recipe = Recipe.from_specs(c["stages"]) if c["stages"] else None
         kind = "eval" if recipe is None else ("recipe" if len(c["stages"]) > 1 else KIND_OF_FAMILY.get(recipe.family, "recipe"))
-        kw: dict[str, Any] = dict(c["run"])
-        kw.update(c.get("calibration") or {})
-        for k, v in (c.get("evaluation") or {}).items():
-            kw[EVAL_KEYS[k]] = v
-        spec = RunSpec(kind=kind, stages=[dict(s) for s in c["stages"]], model=c["model"], tag=self.key,
-                       results_dir=results_dir, progress=False, **kw)
+        kw: dict[str, Any] = {**c["run"], **(c.get("calibration") or {}), **(c.get("evaluation") or {})}
+        spec = RunSpec.build(kw, where="grid", kind=kind, stages=[dict(s) for s in c["stages"]], model=c["model"],
+                             tag=self.key, results_dir=results_dir, progress=False)
         if recipe is not None and spec.save:
             slug = "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in self.label).strip("-").lower()
             spec.output = str(Path(output_dir or "checkpoints") / f"{slug[:60]}-{self.key[:8]}")
@@ -140,14 +138,6 @@ def expand_method(entry: Any, i: int) -> list[list[dict[str, Any]]]:
     return [[{"method": method, **dict(zip(names, combo))}] for combo in itertools.product(*axes)]
 
 
-def _eval_value(key: str, value: Any) -> Any:
-    """`eval` and `tasks` may be written as lists or comma-separated strings; RunSpec takes lists."""
-    if key in ("eval", "tasks"):
-        items = value if isinstance(value, list) else str(value or "").split(",")
-        return [str(x).strip() for x in items if str(x).strip() and str(x).strip().lower() != "none"]
-    return value
-
-
 def _check_keys(d: dict[str, Any], allowed: typing.Iterable[str], where: str) -> None:
     bad = sorted(set(d) - set(allowed))
     if bad:
@@ -159,7 +149,6 @@ def load_grid(path: str | os.PathLike, results_dir: str | None = None) -> Grid:
     import yaml
 
     from compress.pipeline.recipe import Recipe
-    from compress.run.runner import RunSpec
 
     p = Path(path)
     if not p.is_file():
@@ -188,8 +177,7 @@ def load_grid(path: str | os.PathLike, results_dir: str | None = None) -> Grid:
         _check_keys(e, EVAL_KEYS, f"grid evaluation entry {i + 1}")
     if not isinstance(run, dict):
         raise ConfigError("grid 'run:' must be a mapping of run settings")
-    run_fields = {f.name for f in fields(RunSpec)} - _OWN_FIELDS
-    _check_keys(run, run_fields, "grid 'run:'")
+    _check_keys(run, set(SPEC_FIELDS) - _OWN_FIELDS, "grid 'run:'")
     stage_lists = [s for i, m in enumerate(methods) for s in expand_method(m, i)]
     recipes = {}
     for stages in stage_lists:
@@ -198,7 +186,7 @@ def load_grid(path: str | os.PathLike, results_dir: str | None = None) -> Grid:
     cells: dict[str, Cell] = {}
     for model, stages, calib, ev in itertools.product(models, stage_lists, calibs, evals):
         recipe = recipes.get(json.dumps(stages, sort_keys=True, default=str))
-        ev = {EVAL_KEYS[k]: _eval_value(EVAL_KEYS[k], v) for k, v in ev.items()}
+        ev = {EVAL_KEYS[k]: coerce(SPEC_FIELDS[EVAL_KEYS[k]], v) for k, v in ev.items()}
         config = {"model": model, "stages": stages,
                   "calibration": dict(calib) if recipe is not None and recipe.needs_calibration else None,
                   "evaluation": {k: v for k, v in ev.items()}, "run": dict(run)}
@@ -310,7 +298,7 @@ def _ray_cell(spec_dict: dict[str, Any]) -> dict[str, Any]:
     import socket
 
     from compress.run.console import _setup_logging
-    from compress.run.runner import RunSpec, execute
+    from compress.run.runner import execute
 
     _setup_logging(0, True)
     record = execute(RunSpec(**spec_dict), store=False)
@@ -412,45 +400,3 @@ def print_status(grid: Grid, console) -> dict[str, int]:
     return counts
 
 
-def register_cli(main) -> None:
-    import click
-
-    @main.group("grid")
-    def grid_group() -> None:
-        """Experiment grids: models x methods x options x calibration x evaluations, resumable."""
-
-    @grid_group.command("run")
-    @click.argument("grid_file", type=click.Path())
-    @click.option("--results-dir", default=None, help="results store folder (default: the grid's results_dir, "
-                                                      "$COMPRESS_RESULTS_DIR or ./results)")
-    @click.option("--executor", default="in-process", show_default=True, type=click.Choice(["in-process", "ray"]))
-    @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
-    @click.option("--num-cpus", default=None, type=int, help="CPUs of a local Ray instance (default: all)")
-    @click.option("--cpus-per-cell", default=1.0, show_default=True, type=float, help="Ray CPUs requested per cell")
-    @click.option("--gpus-per-cell", default=None, type=float, help="Ray GPUs per cell (default: 1 when the cluster has GPUs, else 0)")
-    @click.option("--retry-failed/--skip-failed", default=True, show_default=True, help="run failed cells again")
-    def grid_run(grid_file: str, **kw) -> None:
-        """Run every cell that has no successful record yet."""
-        from compress.run.console import _console, _fail
-
-        try:
-            console = _console()
-            out = run_grid(grid_file, console=console, **kw)
-            console.print(f"grid: {out['cells']} cells, {out['skipped']} already done, ran {out['ran']}: "
-                          f"{out['ok']} ok, {out['failed']} failed")
-            if out["failed"]:
-                raise SystemExit(1)
-        except CompressError as e:
-            _fail(e)
-
-    @grid_group.command("status")
-    @click.argument("grid_file", type=click.Path())
-    @click.option("--results-dir", default=None)
-    def grid_status(grid_file: str, results_dir: str | None) -> None:
-        """Show each cell as done, failed or pending."""
-        from compress.run.console import _console, _fail
-
-        try:
-            print_status(load_grid(grid_file, results_dir), _console())
-        except CompressError as e:
-            _fail(e)

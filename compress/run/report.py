@@ -344,40 +344,26 @@ def print_table(points: list[Point], metric: str, axis: str, protocol_text: str,
     console.print(t)
 
 
-def register_cli(main) -> None:
-    import click
 
-    @main.command("report")
-    @click.option("--metric", default="wikitext2_ppl", show_default=True,
-                  help="metric key: wikitext2_ppl (or ppl_wikitext2), c4_ppl, piqa_acc, hellaswag_acc_norm, ...")
-    @click.option("--model", "-m", default=None, help="only records of this model (name, spec or fingerprint)")
-    @click.option("--results-dir", default=None, help="results store folder (default: $COMPRESS_RESULTS_DIR or ./results)")
-    @click.option("--size", "axis", default="bits", show_default=True, type=click.Choice(SIZE_AXES),
-                  help="size axis: bits per weight, or bytes of the model in memory")
-    @click.option("--protocol", default=None, help="protocol key (or prefix) to report (default: the most common)")
-    @click.option("--out", default=None, help="output path without extension (default: <results-dir>/report-<metric>)")
-    def report_cmd(metric: str, model: str | None, results_dir: str | None, axis: str, protocol: str | None,
-                   out: str | None) -> None:
-        """Accuracy (or perplexity) vs size from the results store: table, Pareto front, PNG and Markdown."""
-        from compress.run.console import _console, _fail
-        from compress.run.results import read_records, results_dir as resolve_results, store_path
 
-        try:
-            store = store_path(results_dir)
-            records = read_records(results_dir)
-            if not records:
-                raise CompressError(f"the results store {str(store)!r} holds no records; run something first")
-            points, left, proto = build_report(records, metric, model=model, axis=axis, protocol=protocol)
-            if not points:
-                why = "; ".join(f"{n} {w}" for w, n in left.items())
-                raise CompressError(f"no record in {str(store)!r} has {metric!r}" + (f" ({why})" if why else ""))
-            console = _console()
-            print_table(points, metric, axis, proto, left, console)
-            slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", metric) + (f"-{re.sub(r'[^A-Za-z0-9_.-]+', '-', model)}" if model else "")
-            target = Path(out) if out else resolve_results(results_dir) / f"report-{slug}"
-            md, png = write_report(points, left, metric, axis, proto, target)
-            if left:
-                console.print("left out: " + "; ".join(f"{n} {why}" for why, n in left.items()))
-            console.print(f"{len(points)} points, {sum(p.front for p in points)} on the Pareto front · table {md} · plot {png}")
-        except CompressError as e:
-            _fail(e)
+def report(*, metric: str, model: str | None, results_dir: str | None, axis: str, protocol: str | None,
+           out: str | None, console) -> tuple[Path, Path]:
+    """`compress report`: the table on the console, the Markdown table and PNG plot written. Returns their paths."""
+    from compress.run.results import read_records, results_dir as resolve_results, store_path
+
+    store = store_path(results_dir)
+    records = read_records(results_dir)
+    if not records:
+        raise CompressError(f"the results store {str(store)!r} holds no records; run something first")
+    points, left, proto = build_report(records, metric, model=model, axis=axis, protocol=protocol)
+    if not points:
+        why = "; ".join(f"{n} {w}" for w, n in left.items())
+        raise CompressError(f"no record in {str(store)!r} has {metric!r}" + (f" ({why})" if why else ""))
+    print_table(points, metric, axis, proto, left, console)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", metric) + (f"-{re.sub(r'[^A-Za-z0-9_.-]+', '-', model)}" if model else "")
+    target = Path(out) if out else resolve_results(results_dir) / f"report-{slug}"
+    md, png = write_report(points, left, metric, axis, proto, target)
+    if left:
+        console.print("left out: " + "; ".join(f"{n} {why}" for why, n in left.items()))
+    console.print(f"{len(points)} points, {sum(p.front for p in points)} on the Pareto front · table {md} · plot {png}")
+    return md, png

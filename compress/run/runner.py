@@ -13,46 +13,9 @@ from typing import Any
 import torch
 
 from compress.core.errors import CompressError, ConfigError
+from compress.run.spec import RunSpec
 
 log = logging.getLogger("compress")
-
-
-@dataclass
-class RunSpec:
-    """Everything that defines a run (a grid cell is one of these)."""
-
-    kind: str = "quantize"  # quantize | prune | finetune | distill | recipe | eval
-    stages: list[dict[str, Any]] = field(default_factory=list)  # [{"method": NAME, **options}]
-    model: str = "smollm2"
-    dtype: str = "auto"
-    device: str = "auto"
-    calib: str = "wikitext2"
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    data_dir: str | None = None
-    eval: list[str] = field(default_factory=lambda: ["wikitext2"])
-    eval_seqlen: int = 2048
-    eval_windows: int | None = 32
-    eval_batch_size: int = 1
-    tasks: list[str] = field(default_factory=list)  # lm-eval zero-shot tasks
-    task_limit: int | None = None
-    efficiency: bool = False  # prefill/decode tokens per second, peak memory, kernel kind (compress.evals.efficiency)
-    baseline: bool = True  # also measure the uncompressed model (cached per model and protocol)
-    output: str | None = None
-    save: bool = True
-    overwrite: bool = False
-    exports: list[str] = field(default_factory=list)  # extra checkpoint formats (gptq, compressed-tensors, ...)
-    results_dir: str | None = None
-    batch_size: int = 8
-    spill: str = "auto"
-    ignore: list[str] = field(default_factory=list)
-    teacher: str | None = None
-    progress: bool = True
-    tag: str | None = None  # e.g. a grid cell key
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _slug(text: str) -> str:

@@ -1,0 +1,121 @@
+"""The run specification: every option of a run, written once. The CLI's options (compress.cli), recipe files'
+settings and grid files' `run:` / `calibration:` / `evaluation:` entries are all read from these fields.
+
+A field's metadata describes it on the command line: `help`, the verbs that offer it (`verbs`: "run" for the
+compression verbs, "eval" for `compress eval`), an optional `flag` (else --field-name), `short`, `multiple`
+(repeatable flag, a list), `sep` (one comma-separated string, a list), `cli_type` (what the flag parses before
+coercion; e.g. "all" or a number for --eval-windows). Booleans become --name/--no-name pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from compress.core.errors import ConfigError
+
+RUN, EVAL = "run", "eval"
+BOTH = (RUN, EVAL)
+
+
+def option(default: Any = None, help: str = "", *, verbs: tuple[str, ...] = (RUN,), factory=None, **cli: Any):
+    meta = {"help": help, "verbs": verbs, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def internal(default: Any = None, *, factory=None):
+    """A field a verb sets itself (not a flag)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"verbs": ()})
+    return field(default=default, metadata={"verbs": ()})
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a run (a grid cell is one of these)."""
+
+    kind: str = internal("quantize")  # quantize | prune | finetune | distill | recipe | eval
+    stages: list[dict[str, Any]] = internal(factory=list)  # [{"method": NAME, **options}]
+    model: str = option("smollm2", "hub id, local folder, .gguf file, checkpoint folder, or 'smollm2' (the offline "
+                        "default)", verbs=BOTH, short="-m")
+    dtype: str = option("auto", "compute dtype: auto (bfloat16), float32, bfloat16, float16", verbs=BOTH)
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda[:N]", verbs=BOTH)
+    calib: str = option("wikitext2", "calibration source: wikitext2, wikitext2-v1, ptb, c4, pydoc, generated, "
+                        "file:PATH")
+    nsamples: int = option(128, "calibration sequences")
+    seqlen: int = option(512, "tokens per calibration sequence")
+    seed: int = option(0, "seed for calibration sampling and training")
+    data_dir: str | None = option(None, "local data kit folder (else $COMPRESS_DATA_DIR, else ~/.cache/compress/data, "
+                                  "else the hub)", verbs=BOTH)
+    eval: list[str] = option(help="perplexity datasets, comma-separated (wikitext2, wikitext2-v1, ptb, c4, pydoc, "
+                             "file:PATH); 'none' to skip", verbs=BOTH, sep=",", factory=lambda: ["wikitext2"])
+    eval_seqlen: int = option(2048, "perplexity window length", verbs=BOTH)
+    eval_windows: int | None = option(32, "perplexity windows to use (a cap for quick runs); 'all' for the whole split",
+                                      verbs=BOTH, cli_type=str)
+    eval_batch_size: int = internal(1)
+    tasks: list[str] = option(help="lm-eval zero-shot tasks, comma-separated (e.g. piqa,arc_easy)", verbs=BOTH, sep=",",
+                              factory=list)
+    task_limit: int | None = option(None, "items per lm-eval task (a cap for quick runs)", verbs=BOTH, flag="--limit",
+                                    aliases=("limit",))
+    efficiency: bool = option(False, "also measure prefill/decode tokens per second, peak memory, kernel kind",
+                              verbs=(EVAL,))
+    baseline: bool = option(True, "measure the uncompressed model too (cached per model and protocol)")
+    output: str | None = option(None, "checkpoint folder (default: checkpoints/<model>-<method>-<setting>)", short="-o")
+    save: bool = option(True, "write a checkpoint")
+    overwrite: bool = option(False, "replace an existing checkpoint folder")
+    exports: list[str] = option(help="also write this checkpoint format (dense, gptq, compressed-tensors, ...); "
+                                "repeatable", flag="--export", multiple=True, factory=list)
+    results_dir: str | None = option(None, "results store folder (default: $COMPRESS_RESULTS_DIR or ./results)",
+                                     verbs=BOTH)
+    batch_size: int = option(8, "calibration sequences per forward pass in the engine")
+    spill: str = option("auto", "keep the activation cache in a memory-mapped file on disk",
+                        choices=("auto", "always", "never"))
+    ignore: list[str] = option(help="regex of linear layer names to leave uncompressed; repeatable", multiple=True,
+                               factory=list)
+    teacher: str | None = internal(None)
+    progress: bool = option(True, "progress bars", verbs=BOTH)
+    tag: str | None = internal(None)  # e.g. a grid cell key
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def build(cls, values: dict[str, Any], *, where: str = "", **fixed: Any) -> "RunSpec":
+        """A spec from option values as a user writes them (CLI flags, a recipe or grid file): comma-separated
+        strings or single values for list options, 'all' for --eval-windows, aliases; unknown keys refused."""
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+        alias = {a: f.name for f in known.values() for a in f.metadata.get("aliases", ())}
+        kw: dict[str, Any] = {}
+        for key, value in values.items():
+            name = alias.get(key, key)
+            if name not in known:
+                raise ConfigError(f"{where + ' setting ' if where else ''}{key!r} is not a run option; "
+                                  f"known: {', '.join(sorted(known))}")
+            kw[name] = coerce(known[name], value)
+        return cls(**kw, **fixed)
+
+
+def run_fields(verb: str | None = None) -> list[dataclasses.Field]:
+    """The user-settable fields, or those offered by one verb ("run" or "eval")."""
+    return [f for f in dataclasses.fields(RunSpec)
+            if f.metadata.get("verbs") and (verb is None or verb in f.metadata["verbs"])]
+
+
+def coerce(f: dataclasses.Field, value: Any) -> Any:
+    """A user-written value of field `f` as the spec stores it."""
+    meta = f.metadata
+    if meta.get("sep"):
+        items = value if isinstance(value, (list, tuple)) else str(value or "").split(meta["sep"])
+        return [str(x).strip() for x in items if str(x).strip() and str(x).strip().lower() != "none"]
+    if meta.get("multiple"):
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else ([] if value is None else [str(value)])
+    if f.name == "eval_windows":
+        if value is None or str(value).lower() == "all":
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--eval-windows {value!r} is not a number or 'all'") from None
+    return value
