@@ -1,7 +1,7 @@
-"""The `compress` command line (click). Verbs only: the work happens in compress.run and the methods.
+"""The `compress` command line (click). Verbs only: the work happens in compress.runs and the methods.
 
 Each verb is built when it is called, so that `compress --help` imports neither torch nor any method. The options
-shared by every run are generated from the RunSpec fields (compress.run.spec); each compression verb adds the
+shared by every run are generated from the RunSpec fields (compress.runs.spec); each compression verb adds the
 options of the methods of its family, read from the methods' typed configs; an option the chosen method does not
 have is an error that lists the ones it has.
 """
@@ -15,8 +15,8 @@ import click
 
 from compress.core.config import _base_type, flag_name
 from compress.core.errors import CompressError
-from compress.run.console import _console, _fail, _setup_logging
-from compress.run.spec import RUN, RunSpec, coerce, run_fields
+from compress.runs.console import _console, _fail, _setup_logging
+from compress.runs.spec import RUN, RunSpec, coerce, run_fields
 
 log = logging.getLogger("compress")
 
@@ -56,7 +56,7 @@ class LazyGroup(click.Group):
 # Options
 # ---------------------------------------------------------------------------------------------------------------
 def _click_option(f: dataclasses.Field) -> Callable:
-    """A click option for one RunSpec field (its metadata says how; compress.run.spec)."""
+    """A click option for one RunSpec field (its metadata says how; compress.runs.spec)."""
     meta = f.metadata
     flag = meta.get("flag") or flag_name(f.name)
     names = [flag] + ([meta["short"]] if meta.get("short") else [])
@@ -129,7 +129,7 @@ def _spec(kind: str, stages: list[dict[str, Any]], kw: dict[str, Any], **extra) 
 
 def _run_method_verb(kind: str, family: str, method: str, kw: dict[str, Any], **extra) -> None:
     from compress.pipeline.method import all_methods, get_method
-    from compress.run.runner import execute
+    from compress.runs.runner import execute
 
     try:
         cls = get_method(method)
@@ -216,7 +216,7 @@ def _recipe_cmd() -> click.Command:
         """Run a recipe file: methods composed in order (e.g. SmoothQuant then GPTQ). Settings in the file (model,
         calib, nsamples, ...) apply unless given on the command line."""
         from compress.pipeline.recipe import Recipe
-        from compress.run.runner import execute
+        from compress.runs.runner import execute
 
         try:
             _, doc = Recipe.from_yaml(recipe_file)  # validates the stages
@@ -239,7 +239,7 @@ def _eval_cmd() -> click.Command:
     @click.command(help=VERBS["eval"][1])
     @run_options("eval")
     def eval_cmd(**kw) -> None:
-        from compress.run.runner import execute
+        from compress.runs.runner import execute
 
         try:
             execute(_spec("eval", [], kw, save=False), console=_console())
@@ -250,7 +250,7 @@ def _eval_cmd() -> click.Command:
 
 
 def _report_cmd() -> click.Command:
-    from compress.run.report import SIZE_AXES
+    from compress.runs.report import SIZE_AXES
 
     @click.command()
     @click.option("--metric", default="wikitext2_ppl", show_default=True,
@@ -263,7 +263,7 @@ def _report_cmd() -> click.Command:
     @click.option("--out", default=None, help="output path without extension (default: <results-dir>/report-<metric>)")
     def report_cmd(**kw) -> None:
         """Accuracy (or perplexity) vs size from the results store: table, Pareto front, PNG and Markdown."""
-        from compress.run.report import report
+        from compress.runs.report import report
 
         try:
             report(console=_console(), **kw)
@@ -290,7 +290,7 @@ def _grid_cmd() -> click.Command:
     @click.option("--retry-failed/--skip-failed", default=True, show_default=True, help="run failed cells again")
     def grid_run(grid_file: str, **kw) -> None:
         """Run every cell that has no successful record yet."""
-        from compress.run.grid import run_grid
+        from compress.runs.grid import run_grid
 
         try:
             console = _console()
@@ -307,7 +307,7 @@ def _grid_cmd() -> click.Command:
     @click.option("--results-dir", default=None)
     def grid_status(grid_file: str, results_dir: str | None) -> None:
         """Show each cell as done, failed or pending."""
-        from compress.run.grid import load_grid, print_status
+        from compress.runs.grid import load_grid, print_status
 
         try:
             print_status(load_grid(grid_file, results_dir), _console())

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 
 from compress.core.errors import ConfigError
+from compress.evals.perplexity import protocol_key
+from compress.model.surgery import is_linear_like
 
 log = logging.getLogger("compress")
 
@@ -41,8 +43,6 @@ KNOWN_KERNELS = {
 def kernel_report(model: nn.Module) -> dict[str, Any]:
     """Count linear layers by how they compute. `quantized_kernels` is True only if every compressed layer runs
     integer (or other low-precision) kernels; False if any dequantizes on the fly; None if nothing is compressed."""
-    from compress.model.surgery import is_linear_like
-
     kinds: Counter[str] = Counter()
     for mod in model.modules():
         if not is_linear_like(mod):
@@ -165,8 +165,6 @@ def efficiency_metrics(model: nn.Module, *, prompt_len: int = 256, decode_tokens
     """The speed and memory numbers as metric records (value + protocol + protocol_key), as the runner stores
     perplexities: `prefill_tokens_per_second`, `decode_tokens_per_second`, `peak_memory_bytes`. The kernel kind
     rides along in each record (it explains the speed; it is not part of the protocol)."""
-    from compress.evals.perplexity import protocol_key
-
     kernels = kernel_report(model)
     speed = measure_speed(model, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats)
     protocol = {"metric": "efficiency", **speed["protocol"], "device": speed["device"], "dtype": speed["dtype"],

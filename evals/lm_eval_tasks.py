@@ -30,6 +30,9 @@ from typing import Any
 import torch
 
 from compress.core.errors import ConfigError, DataError
+from compress.core.paths import cache_dir
+from compress.evals.baselines import cached_baseline, remember_baseline
+from compress.sources.data import hub_reachable, resolve_data_dir
 
 log = logging.getLogger("compress")
 
@@ -73,8 +76,6 @@ def missing_data(task: str, data_dir: Path | None) -> str | None:
 
 def split_tasks(tasks: list[str], data_dir: Path | None, *, hub: bool | None = None) -> tuple[list[str], list[str]]:
     """(offline tasks, lm-eval's own tasks). Raises DataError for a task that can run neither way."""
-    from compress.sources.data import hub_reachable
-
     shipped = offline_tasks()
     local, online, errors = [], [], []
     for name in tasks:
@@ -105,8 +106,6 @@ def split_tasks(tasks: list[str], data_dir: Path | None, *, hub: bool | None = N
 
 def materialize(tasks: list[str], data_dir: Path) -> Path:
     """Write the task YAMLs with the data directory filled in to a cache folder (atomically); return the folder."""
-    from compress.core.paths import cache_dir
-
     data_dir = Path(data_dir).resolve()
     sources = [offline_tasks()[t] for t in sorted(tasks)] + [TASK_DIR / "taskfns.py"]
     h = hashlib.sha256(str(data_dir).encode())
@@ -219,8 +218,6 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from compress.evals.baselines import cached_baseline, remember_baseline
-
     tasks = [t.strip() for t in tasks if t and t.strip()]
     if not tasks:
         return {}
@@ -228,8 +225,6 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit
         raise ConfigError(f"--limit {limit!r} is out of range; allowed: >= 1 items per task")
     if batch_size < 1:
         raise ConfigError(f"task batch size {batch_size!r} is out of range; allowed: >= 1")
-    from compress.sources.data import resolve_data_dir
-
     ddir = resolve_data_dir(data_dir)
     local, online = split_tasks(tasks, ddir)
     _quiet_lm_eval()

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from compress.sources.data import eval_text, tokenize_text, tokenizer_fingerprint, with_pydoc_fallback
 from compress.core.errors import ConfigError
+from compress.sources.data import eval_text, tokenize_text, tokenizer_fingerprint, with_pydoc_fallback
 
 C4_MAX_WINDOWS = 256
 

@@ -7,10 +7,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.model.arch import find_blocks
-from compress.layers.weights import count_parameters
 from compress.layers.nf4 import is_nf4_linear, nf4_state_bytes, nf4_storage_bits
-from compress.layers.weights import int8_row_absmax
+from compress.layers.weights import count_parameters, int8_row_absmax
+from compress.model.arch import find_blocks
 from compress.model.surgery import is_linear_like
 
 

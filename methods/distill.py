@@ -19,8 +19,12 @@ from dataclasses import dataclass
 
 from compress.core.config import option
 from compress.core.errors import ConfigError
+from compress.kernels.losses import lm_loss
+from compress.model.arch import find_blocks
 from compress.pipeline.method import Method, Needs, register
-from compress.train.trainer import TrainConfig
+from compress.train.finetune import keep_zeros_in_training, require_float_linears, sparsity, zero_masks
+from compress.train.layer_drop import block_influence, drop_blocks, importance_keep, uniform_keep
+from compress.train.trainer import TrainConfig, Trainer, distillation_loss, training_data
 
 
 @dataclass
@@ -51,12 +55,6 @@ class Distill(Method):
 
     def apply(self, model, ctx):
         import torch
-
-        from compress.model.arch import find_blocks
-        from compress.train.finetune import keep_zeros_in_training, require_float_linears, sparsity, zero_masks
-        from compress.train.layer_drop import block_influence, drop_blocks, importance_keep, uniform_keep
-        from compress.train.trainer import Trainer, distillation_loss, training_data
-        from compress.kernels.losses import lm_loss
 
         c = self.config
         teacher = ctx.teacher_model()

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from compress.core.config import option
 from compress.kernels.obs import GPTQSweepConfig, gptq_quantize
 from compress.layers.quant_linear import QuantLinear
+from compress.layers.sparse_linear import SparseQuantLinear, sparse_keep_mask
 from compress.layers.weights import linear_weight
 from compress.pipeline.method import Method, Needs, register
-from compress.layers.sparse_linear import SparseQuantLinear, sparse_keep_mask
 
 
 @dataclass

@@ -24,12 +24,27 @@ import torch
 
 from compress.core.config import option
 from compress.core.errors import CompressError, ConfigError
-from compress.train.lora import LoraOptions, lora_finetune
 from compress.layers.weights import count_parameters
 from compress.pipeline.method import Method, Needs, register
-from compress.sparse.structured import (AGGREGATIONS, aggregate, allocate, attention_coupled, check_hidden_separable,
-    choose_keep, config_updates, describe_config, discover, heads_after, hidden_coupled, layer_shapes, lm_gradients,
-    mlp_coupled, remove_units, unit_scores)
+from compress.sparse.structured import (
+    AGGREGATIONS,
+    aggregate,
+    allocate,
+    attention_coupled,
+    check_hidden_separable,
+    choose_keep,
+    config_updates,
+    describe_config,
+    discover,
+    heads_after,
+    hidden_coupled,
+    layer_shapes,
+    lm_gradients,
+    mlp_coupled,
+    remove_units,
+    unit_scores,
+)
+from compress.train.lora import LoraOptions, add_lora, merge_lora, train_adapters
 from compress.train.trainer import TrainConfig, training_data
 
 log = logging.getLogger("compress")
@@ -244,8 +259,6 @@ class LLMPruner(Method):
         log.info("llm-pruner: LoRA recovery (r=%d) for %d steps on %d sequences of %d tokens", c.lora_r, c.recovery_steps,
                  data.shape[0], data.shape[1])
         model.to(ctx.device)
-        merged, result = lora_finetune(model, data, c, tc, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
-                                       desc="LoRA recovery")
-        merged.to("cpu")
-        self.report["recovery"] = result.summary()
-        return merged
+        peft_model = add_lora(model, c)
+        self.report["recovery"] = train_adapters(peft_model, ctx, tc, data, None, desc="LoRA recovery")
+        return merge_lora(peft_model).to("cpu")

@@ -12,9 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.core.config import option
-from compress.train.fake_quant import (SCALE_MODES, QuantTrainConfig, frozen_copy, run_quant_training,
-    training_sequences, with_calibration)
+from compress.layers.fake_quant_linear import SCALE_MODES
 from compress.pipeline.method import Method, Needs, register
+from compress.train.fake_quant import (
+    QuantTrainConfig,
+    frozen_copy,
+    run_quant_training,
+    training_sequences,
+    with_calibration,
+)
 from compress.train.trainer import distillation_loss
 
 

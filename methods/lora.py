@@ -14,11 +14,18 @@ from dataclasses import dataclass, replace
 
 from compress.core.config import option
 from compress.core.errors import ConfigError
-from compress.train.finetune import (InstructionOptions, finetune_data, require_float_linears, reapply_zeros,
-    sparsity, train_adapters, zero_masks)
-from compress.train.lora import LoraOptions, add_lora, merge_lora
+from compress.kernels.losses import lm_loss
 from compress.pipeline.method import Method, Needs, register
-from compress.train.trainer import TrainConfig
+from compress.train.finetune import (
+    InstructionOptions,
+    finetune_data,
+    reapply_zeros,
+    require_float_linears,
+    sparsity,
+    zero_masks,
+)
+from compress.train.lora import LoraOptions, add_lora, merge_lora, train_adapters
+from compress.train.trainer import TrainConfig, distillation_loss
 
 
 @dataclass
@@ -47,9 +54,6 @@ class LoraRecovery(Method):
         return f"r{c.lora_r} {c.steps} steps" + (f" kd {c.kd_weight:g}" if c.kd_weight else "")
 
     def apply(self, model, ctx):
-        from compress.train.trainer import distillation_loss
-        from compress.kernels.losses import lm_loss
-
         c = self.config
         require_float_linears(model, "lora", "put lora before quantization, or use qlora (adapters on an NF4 base)")
         model.to("cpu")

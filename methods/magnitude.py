@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.core.config import option
+from compress.kernels.masks import keep_mask
 from compress.layers.weights import linear_weight
 from compress.pipeline.method import Needs, register
 from compress.sparse.pruning import PruneConfig, PruningMethod
-from compress.kernels.masks import keep_mask
 
 
 @dataclass

@@ -17,10 +17,10 @@ import torch
 
 from compress.core.config import option
 from compress.core.errors import ConfigError
+from compress.kernels.masks import MAX_SPARSITY, keep_mask, wanda_scores
 from compress.kernels.obs import PruneRule, sparsegpt_prune
 from compress.layers.weights import linear_weight
 from compress.pipeline.method import Needs, register
-from compress.kernels.masks import MAX_SPARSITY, keep_mask, wanda_scores
 from compress.sparse.pruning import PruneConfig, PruningMethod
 
 log = logging.getLogger("compress")

@@ -22,9 +22,9 @@ import torch
 from compress.core.config import option
 from compress.core.errors import ConfigError
 from compress.kernels.obs import GPTQSweepConfig, gptq_quantize
+from compress.kernels.quant_grid import QuantSpec, packed_words, rtn_quantize
 from compress.layers.quant_linear import OWQLinear, QuantLinear
 from compress.layers.weights import linear_weight
-from compress.kernels.quant_grid import QuantSpec, packed_words, rtn_quantize
 from compress.pipeline.method import Method, Needs, register
 
 WEAK_VALUE_BITS = 16  # float16 weak columns

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from compress.core.config import option
 from compress.core.errors import CompressError
-from compress.train.fake_quant import QuantTrainConfig, run_quant_training, training_sequences
 from compress.pipeline.method import Method, Needs, register
+from compress.train.fake_quant import QuantTrainConfig, run_quant_training, training_sequences
 
 
 @dataclass

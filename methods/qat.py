@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.core.config import option
-from compress.train.fake_quant import SCALE_MODES, QuantTrainConfig, run_quant_training, training_sequences
+from compress.layers.fake_quant_linear import SCALE_MODES
 from compress.pipeline.method import Method, Needs, register
+from compress.train.fake_quant import QuantTrainConfig, run_quant_training, training_sequences
 
 
 @dataclass

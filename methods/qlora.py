@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 from compress.core.config import option
 from compress.core.errors import ConfigError
-from compress.train.finetune import InstructionOptions, finetune_data, require_float_linears, train_adapters
-from compress.train.lora import LoraOptions, add_lora, merge_lora
 from compress.layers.nf4 import NF4_BLOCK_SIZES, is_nf4_linear, nf4_dequantize, quantize_model_nf4, use_reference_kernel
+from compress.model.surgery import set_module
 from compress.pipeline.method import Method, Needs, register
+from compress.train.finetune import InstructionOptions, finetune_data, require_float_linears
+from compress.train.lora import LoraOptions, add_lora, merge_lora, train_adapters
 from compress.train.trainer import TrainConfig
 
 
@@ -93,8 +94,6 @@ def merge_dense(peft_model):
     dense model: every NF4 linear becomes an nn.Linear in its compute dtype."""
     import torch
     import torch.nn as nn
-
-    from compress.model.surgery import set_module
 
     base = peft_model.get_base_model()
     deltas = {name: mod.get_delta_weight("default").float() for name, mod in base.named_modules()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compress.kernels.quant_grid import WeightQuantConfig, rtn_quantize
 from compress.layers.quant_linear import QuantLinear
 from compress.layers.weights import linear_weight
-from compress.kernels.quant_grid import WeightQuantConfig, rtn_quantize
 from compress.pipeline.method import Method, Needs, register
 
 

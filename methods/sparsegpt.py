@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from compress.core.config import option
 from compress.core.errors import ConfigError
 from compress.kernels.obs import PruneRule, sparsegpt_prune
-from compress.layers.weights import linear_weight
 from compress.kernels.quant_grid import WeightQuantConfig
-from compress.pipeline.method import Needs, register
 from compress.layers.sparse_linear import SparseQuantLinear
+from compress.layers.weights import linear_weight
+from compress.pipeline.method import Needs, register
 from compress.sparse.pruning import PruneConfig, PruningMethod
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compress.kernels.masks import keep_mask, wanda_scores
 from compress.layers.weights import linear_weight
 from compress.pipeline.method import Needs, register
 from compress.sparse.pruning import PruneConfig, PruningMethod
-from compress.kernels.masks import keep_mask, wanda_scores
 
 
 @dataclass

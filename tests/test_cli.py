@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from compress.cli import main
-from compress.run.results import read_records
+from compress.runs.results import read_records
 
 QUICK = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc", "--eval-seqlen", "128",
          "--eval-windows", "4", "--no-progress"]

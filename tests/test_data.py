@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from compress.sources.data import calib_text, eval_text, get_calibration, resolve_data_dir
 from compress.core.errors import ConfigError, DataError
+from compress.sources.data import calib_text, eval_text, get_calibration, resolve_data_dir
 
 
 def test_wikitext2_is_the_hub_split_joined(data_dir):

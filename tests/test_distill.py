@@ -45,8 +45,8 @@ def test_mixed_distillation_loss_matches_hand_computation():
 
 
 def test_layer_choice_uniform_and_block_influence():
-    from compress.train.layer_drop import block_influence, importance_keep, uniform_keep
     from compress.model.tiny import tiny_model
+    from compress.train.layer_drop import block_influence, importance_keep, uniform_keep
 
     assert uniform_keep(30, 15) == [0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27, 29]
     assert uniform_keep(4, 4) == [0, 1, 2, 3] and uniform_keep(5, 2) == [0, 4]
@@ -67,8 +67,8 @@ def test_layer_dropped_student_has_the_blocks_and_loads_with_automodel(tiny_tok,
     from transformers import AutoModelForCausalLM
 
     from compress.formats import save_checkpoint
-    from compress.train.layer_drop import drop_blocks
     from compress.model.tiny import tiny_model
+    from compress.train.layer_drop import drop_blocks
 
     model = tiny_model("llama", seed=0, layers=4)
     originals = [model.model.layers[i] for i in (0, 2, 3)]
@@ -107,17 +107,18 @@ class _TinyMagnitude(Method):
 
 
 def _ctx(tok):
-    from compress.sources.data import get_calibration
     from compress.pipeline.recipe import RunContext
+    from compress.sources.data import get_calibration
 
     return RunContext(tokenizer=tok, calibration=get_calibration("pydoc", tok, nsamples=4, seqlen=64), progress=False)
 
 
 def test_kd_recovery_learns_from_the_start_model_and_keeps_sparsity(tiny_tok):
-    from compress.train.finetune import heldout_loss, sparsity, zero_masks
     from compress.model.tiny import tiny_model
-    from compress.pipeline.recipe import Recipe
     from compress.pipeline.method import build_method
+    from compress.pipeline.recipe import Recipe
+    from compress.train.finetune import sparsity, zero_masks
+    from compress.train.trainer import heldout_loss
 
     start = tiny_model("llama", seed=0)
     original = copy.deepcopy(start)
@@ -152,10 +153,10 @@ def test_kd_recovery_learns_from_the_start_model_and_keeps_sparsity(tiny_tok):
 
 
 def test_lora_recovery_after_pruning_keeps_sparsity(tiny_tok, tmp_path):
-    from compress.train.finetune import sparsity, zero_masks
     from compress.model.tiny import tiny_model
-    from compress.pipeline.recipe import Recipe
     from compress.pipeline.method import build_method
+    from compress.pipeline.recipe import Recipe
+    from compress.train.finetune import sparsity, zero_masks
 
     lora = build_method("lora", {"steps": 6, "train_samples": 16, "train_seqlen": 64, "lr": 1e-2, "heldout": 2, "lora_r": 4})
     recipe = Recipe([_TinyMagnitude(), lora])
@@ -181,8 +182,8 @@ def test_lora_recovery_after_pruning_keeps_sparsity(tiny_tok, tmp_path):
 
 def test_distill_refuses_quantized_student_and_mismatched_teacher(tiny_tok):
     from compress.model.tiny import tiny_model
-    from compress.pipeline.recipe import Recipe
     from compress.pipeline.method import build_method
+    from compress.pipeline.recipe import Recipe
 
     with pytest.raises(ConfigError, match="distill needs float linear weights"):
         Recipe.from_specs([{"method": "rtn", "bits": 4, "group_size": 32}, {"method": "distill", "steps": 1}]).run(
@@ -203,7 +204,7 @@ def test_cli_distill_layer_dropped_student_then_eval(tiny_model_dir, tmp_path):
 
     from compress.cli import main
     from compress.model.tiny import tiny_model
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     deeper = tmp_path / "tiny4"
     tiny_model("llama", seed=0, layers=4).save_pretrained(deeper)
@@ -230,10 +231,10 @@ def test_cli_distill_layer_dropped_student_then_eval(tiny_model_dir, tmp_path):
 def test_recovery_after_wanda_keeps_its_sparse_layers(tiny_tok, recovery):
     """The real pruners store SparseLinear layers (float weights with a mask): recovery stages train them, keep
     exactly their zeros, and the result still stores sparse."""
-    from compress.train.finetune import sparsity, zero_masks
+    from compress.layers.sparse_linear import SparseLinear
     from compress.model.tiny import tiny_model
     from compress.pipeline.recipe import Recipe
-    from compress.layers.sparse_linear import SparseLinear
+    from compress.train.finetune import sparsity, zero_masks
 
     opts = {"steps": 3, "train_samples": 8, "train_seqlen": 64, "lr": 1e-3, "heldout": 2} if recovery == "lora" else \
         {"steps": 3, "train_samples": 8, "train_seqlen": 64, "lr": 1e-3}

@@ -4,7 +4,7 @@ from click.testing import CliRunner
 from compress.cli import main
 from compress.evals.efficiency import efficiency_metrics, kernel_report, measure_speed
 from compress.pipeline.recipe import Recipe, RunContext
-from compress.run.results import read_records
+from compress.runs.results import read_records
 
 
 def test_kernel_report_dense_and_quantized(tiny_llama):

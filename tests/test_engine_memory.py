@@ -3,8 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 CHILD = r"""
 import json, resource, sys, torch
 from compress.pipeline.engine import Engine

@@ -6,11 +6,11 @@ import logging
 import pytest
 import torch
 
-from compress.sources.data import Calibration, TextSource
 from compress.core.errors import CompressError
 from compress.formats.exporters import export
 from compress.layers.quant_linear import QuantLinear
 from compress.pipeline.recipe import Recipe, RunContext
+from compress.sources.data import Calibration, TextSource
 
 
 def _quantized(method="gptq", hidden=96, **opts):
@@ -143,7 +143,7 @@ def test_cli_exports_and_eval_of_gptq_folder(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     quick = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc", "--eval-seqlen", "128",
              "--eval-windows", "4", "--no-progress"]

@@ -3,11 +3,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.pipeline.engine import Engine
 from compress.kernels.hessian import inverse_cholesky
 from compress.kernels.obs import gptq_quantize
-from compress.layers.quant_linear import QuantLinear
 from compress.kernels.quant_grid import QuantSpec, rtn_quantize
+from compress.layers.quant_linear import QuantLinear
 from compress.pipeline.recipe import Recipe, RunContext
 
 

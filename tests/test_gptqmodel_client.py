@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from compress.sources.data import Calibration, TextSource
 from compress.pipeline.recipe import Recipe, RunContext
+from compress.sources.data import Calibration, TextSource
 
 gptqmodel = pytest.importorskip("gptqmodel")
 

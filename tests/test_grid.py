@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from compress.cli import main
 from compress.core.errors import ConfigError
-from compress.run.grid import load_grid
-from compress.run.results import read_records
+from compress.runs.grid import load_grid
+from compress.runs.results import read_records
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK_EVAL = {"eval": ["pydoc"], "eval_seqlen": 128, "eval_windows": 2}

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import compress.kernels.int8 as int8
-from compress.layers.w8a8_linear import W8A8Linear
 from compress.kernels.int8 import int8_matmul, int8_matmul_fallback, int_mm_supported
+from compress.layers.w8a8_linear import W8A8Linear
 
 
 def _reference_int32(a, b):

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sparse", ("compress.sparse",)),
     ("methods", ("compress.methods",)),
     ("evals", ("compress.evals",)),
-    ("run", ("compress.run",)),
+    ("runs", ("compress.runs",)),
     ("api", ("compress.api",)),
     ("cli", ("compress.cli", "compress")),
 ]
@@ -136,10 +136,10 @@ def test_a_planted_back_import_is_caught(tmp_path):
     for folder in ROOTS.values():
         shutil.copytree(REPO / folder, tmp_path / folder)
     errors = tmp_path / "compress" / "core" / "errors.py"
-    errors.write_text(errors.read_text() + "\n\ndef _late():\n    from compress.run.results import read_records\n")
+    errors.write_text(errors.read_text() + "\n\ndef _late():\n    from compress.runs.results import read_records\n")
     line = len(errors.read_text().splitlines())
     bad = violations(tmp_path)
-    assert any(b.startswith(f"compress/core/errors.py:{line}: ") and "compress.run.results" in b for b in bad), bad
+    assert any(b.startswith(f"compress/core/errors.py:{line}: ") and "compress.runs.results" in b for b in bad), bad
 
 
 def test_a_planted_circle_is_caught(tmp_path):

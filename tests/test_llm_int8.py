@@ -9,11 +9,11 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from compress.pipeline.engine import Engine  # noqa: E402
 from compress.core.errors import ConfigError  # noqa: E402
 from compress.formats import load_checkpoint, save_checkpoint  # noqa: E402
-from compress.pipeline.recipe import Recipe, RunContext  # noqa: E402
 from compress.methods.llm_int8 import int8_linear  # noqa: E402
+from compress.pipeline.engine import Engine  # noqa: E402
+from compress.pipeline.recipe import Recipe, RunContext  # noqa: E402
 
 T = 6.0
 
@@ -110,8 +110,8 @@ def test_reports_outlier_fraction_per_layer(tiny_calib):
 def test_bitsandbytes_checkpoint_reloads_identically(tmp_path, tiny_calib, tiny_tok):
     from transformers import AutoModelForCausalLM
 
-    from compress.sources.models import load_model
     from compress.model.tiny import tiny_model
+    from compress.sources.models import load_model
 
     model = tiny_model("llama", seed=0, layers=2)
     ctx = RunContext(progress=False, ignore=[r"layers\.1\.mlp\.down_proj"])
@@ -139,8 +139,8 @@ def test_later_stages_and_dense_export_read_dequantized_weights(tmp_path, tiny_t
     """An int8 layer's `weight` holds integer codes: stages after llm-int8 and `--export dense` must see the float
     weight it represents (codes x row abs-max / 127), not the codes."""
     from compress.formats.exporters import export
-    from compress.model.tiny import tiny_model
     from compress.layers.weights import linear_weight
+    from compress.model.tiny import tiny_model
 
     model = tiny_model("llama", seed=0, layers=1)
     w = model.model.layers[0].mlp.up_proj.weight.detach().clone()

@@ -166,7 +166,7 @@ def test_cli_prune_then_eval(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     quick = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc", "--eval-seqlen", "128",
              "--eval-windows", "4", "--no-progress"]

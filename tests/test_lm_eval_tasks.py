@@ -1,6 +1,5 @@
 """lm-eval integration: the shipped offline task definitions match the data kit, a task whose data is absent is one
 clear error naming the folder, and a tiny model is scored through `compress eval --tasks` with a full protocol."""
-import os
 
 import pytest
 import yaml
@@ -9,7 +8,7 @@ from click.testing import CliRunner
 from compress.cli import main
 from compress.core.errors import DataError
 from compress.evals import lm_eval_tasks as lt
-from compress.run.results import read_records
+from compress.runs.results import read_records
 
 PAPER_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "lambada_openai")
 

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from compress.sources.data import Calibration, TextSource
 from compress.core.errors import ConfigError
 from compress.evals.size import model_size
 from compress.formats import load_checkpoint, save_checkpoint
 from compress.kernels.obs import gptq_quantize
-from compress.layers.quant_linear import OWQLinear, QuantLinear
 from compress.kernels.quant_grid import QuantSpec, rtn_quantize
+from compress.layers.quant_linear import OWQLinear, QuantLinear
 from compress.pipeline.recipe import Recipe, RunContext
+from compress.sources.data import Calibration, TextSource
 
 
 def _calib():

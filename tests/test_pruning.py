@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.sources.data import Calibration, TextSource
-from compress.pipeline.engine import LinearStats
 from compress.core.errors import ConfigError
+from compress.kernels.masks import is_nm, keep_mask, nm_keep_mask, row_keep_mask
 from compress.kernels.obs import PruneRule, gptq_quantize, sparsegpt_prune
 from compress.kernels.quant_grid import QuantSpec
-from compress.pipeline.recipe import Recipe, RunContext
-from compress.pipeline.method import build_method
 from compress.layers.sparse_linear import SparseLinear
-from compress.kernels.masks import is_nm, keep_mask, nm_keep_mask, row_keep_mask
+from compress.pipeline.engine import LinearStats
+from compress.pipeline.method import build_method
+from compress.pipeline.recipe import Recipe, RunContext
+from compress.sources.data import Calibration, TextSource
 
 
 def _run(model, specs, ids):

@@ -86,8 +86,8 @@ def test_double_quantization_round_trips_within_its_stated_error():
 
 def test_nf4_bits_per_weight_counts_codes_and_double_quantized_constants():
     from compress.evals.size import model_size
-    from compress.model.tiny import tiny_model
     from compress.layers.nf4 import nf4_storage_bits, quantize_model_nf4
+    from compress.model.tiny import tiny_model
 
     lin = _linear(256, 1024)  # 262,144 weights, 4,096 blocks, 16 second-level blocks
     from compress.layers.nf4 import nf4_linear
@@ -109,8 +109,8 @@ def test_nf4_bits_per_weight_counts_codes_and_double_quantized_constants():
 
 
 def _ctx(tok, **kw):
-    from compress.sources.data import get_calibration
     from compress.pipeline.recipe import RunContext
+    from compress.sources.data import get_calibration
 
     cal = get_calibration("pydoc", tok, nsamples=4, seqlen=64)
     return RunContext(tokenizer=tok, calibration=cal, progress=False, model_dtype=torch.bfloat16, **kw)
@@ -124,11 +124,11 @@ def test_qlora_lowers_heldout_loss_adapter_reloads_and_checkpoint_reloads(tiny_t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from compress.train.finetune import heldout_loss
     from compress.formats import load_checkpoint, save_checkpoint
-    from compress.model.tiny import tiny_model
     from compress.layers.nf4 import is_nf4_linear, quantize_model_nf4
+    from compress.model.tiny import tiny_model
     from compress.pipeline.recipe import Recipe
+    from compress.train.trainer import heldout_loss
 
     base = tiny_model("llama", seed=0, dtype=torch.bfloat16)
     recipe = Recipe.from_specs([{**QUICK, "adapter_dir": str(tmp_path / "adapter")}])
@@ -164,10 +164,10 @@ def test_qlora_lowers_heldout_loss_adapter_reloads_and_checkpoint_reloads(tiny_t
 
 def test_qlora_merge_dense_and_nf4(tiny_tok):
     from compress.evals.size import model_size
-    from compress.train.finetune import heldout_loss
-    from compress.model.tiny import tiny_model
     from compress.layers.nf4 import is_nf4_linear
+    from compress.model.tiny import tiny_model
     from compress.pipeline.recipe import Recipe
+    from compress.train.trainer import heldout_loss
 
     base = tiny_model("llama", seed=0, dtype=torch.bfloat16)
     ids = {"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))}
@@ -216,8 +216,8 @@ def test_instruction_data_masks_the_prompt(tiny_tok, tmp_path):
 
 def test_qlora_refuses_bad_input(tiny_tok, tmp_path):
     from compress.model.tiny import tiny_model
-    from compress.pipeline.recipe import Recipe
     from compress.pipeline.method import build_method
+    from compress.pipeline.recipe import Recipe
 
     with pytest.raises(ConfigError, match="--nf4-block-size 48 is not allowed"):
         build_method("qlora", {"nf4_block_size": 48})
@@ -235,7 +235,7 @@ def test_cli_finetune_qlora_then_eval_same_perplexity(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     out = tmp_path / "ckpt"
     common = ["--eval", "pydoc", "--eval-seqlen", "128", "--eval-windows", "2", "--no-progress"]

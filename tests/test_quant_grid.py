@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from compress.core.errors import ConfigError
-from compress.layers.quant_linear import QuantLinear
 from compress.kernels.quant_grid import QuantSpec, dequantize_codes, find_params, pack_bits, rtn_quantize, unpack_bits
+from compress.layers.quant_linear import QuantLinear
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])

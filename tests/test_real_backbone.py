@@ -6,7 +6,6 @@ would be lossless by construction; these checks use group 128 and per-channel gr
 import copy
 
 import pytest
-import torch
 
 from compress.evals.perplexity import perplexity
 from compress.formats import load_checkpoint, save_checkpoint
@@ -56,7 +55,7 @@ def test_cli_main_job(real_loaded, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     monkeypatch.chdir(tmp_path)
     common = ["--eval-seqlen", "512", "--eval-windows", "8", "--no-progress"]

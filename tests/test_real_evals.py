@@ -12,7 +12,7 @@ from compress.cli import main
 from compress.evals.lm_eval_tasks import evaluate_tasks
 from compress.formats import save_checkpoint
 from compress.pipeline.recipe import Recipe, RunContext
-from compress.run.results import read_records
+from compress.runs.results import read_records
 
 pytestmark = pytest.mark.real
 TASKS = "piqa,arc_easy,hellaswag"

@@ -9,10 +9,10 @@ import copy
 
 import pytest
 
-from compress.sources.data import get_calibration
 from compress.evals.perplexity import perplexity
 from compress.evals.size import model_size
 from compress.pipeline.recipe import Recipe, RunContext
+from compress.sources.data import get_calibration
 
 pytestmark = pytest.mark.real
 EVAL = dict(seqlen=512, max_windows=8, progress=False)

@@ -30,7 +30,7 @@ def _cli(args, cwd):
     finally:
         os.chdir(old)
     assert res.exit_code == 0, res.output
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     return read_records()[-1]
 

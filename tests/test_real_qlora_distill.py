@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from compress.sources.data import get_calibration
 from compress.pipeline.recipe import Recipe, RunContext
+from compress.sources.data import get_calibration
 
 pytestmark = pytest.mark.real
 
@@ -21,8 +21,8 @@ def test_qlora_nf4_size_training_and_peft_reload(real_loaded, real_model, data_d
     from peft import PeftModel
 
     from compress.evals.size import model_size
-    from compress.train.finetune import heldout_loss
     from compress.layers.nf4 import quantize_model_nf4
+    from compress.train.trainer import heldout_loss
 
     recipe = Recipe.from_specs([{"method": "qlora", "steps": 4, "train_samples": 8, "train_seqlen": 128,
                                  "train_batch_size": 2, "heldout": 4, "lr": 1e-3, "warmup": 0.0,

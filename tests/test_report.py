@@ -2,8 +2,8 @@
 from click.testing import CliRunner
 
 from compress.cli import main
-from compress.run.report import build_report, collect_points, pareto_front
-from compress.run.results import append_record
+from compress.runs.report import build_report, collect_points, pareto_front
+from compress.runs.results import append_record
 
 PPL_PROTO = {"dataset": "wikitext2", "metric": "perplexity", "seqlen": 512, "windows": 8, "windows_total": 280}
 

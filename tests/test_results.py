@@ -1,8 +1,7 @@
 """The results store: atomic appends, concurrent writers, torn lines never produced, bad lines skipped."""
-import json
 import multiprocessing as mp
 
-from compress.run.results import append_record, read_records, store_path
+from compress.runs.results import append_record, read_records, store_path
 
 
 def _writer(args):
@@ -39,7 +38,6 @@ def test_corrupt_line_skipped_and_store_still_appendable(tmp_path, caplog):
 def test_crash_during_write_keeps_old_store(tmp_path, monkeypatch):
     import os
 
-    import compress.run.results as res
 
     append_record({"a": 1}, tmp_path)
     before = store_path(tmp_path).read_bytes()

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from compress.pipeline.engine import Engine
 from compress.core.errors import ConfigError
 from compress.formats import load_checkpoint, save_checkpoint
-from compress.layers.w8a8_linear import W8A8Linear
-from compress.sources.data import Calibration
 from compress.layers.quant_linear import QuantLinear
+from compress.layers.w8a8_linear import W8A8Linear
+from compress.pipeline.engine import Engine
 from compress.pipeline.recipe import Recipe, RunContext
+from compress.sources.data import Calibration
 
 
 def _outlier_model(arch, seed=0):
@@ -210,7 +210,7 @@ def test_cli_smoothquant_and_eval_same_perplexity(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     quick = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc", "--eval-seqlen", "128",
              "--eval-windows", "2", "--no-progress"]

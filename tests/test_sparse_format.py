@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compress.sources.data import Calibration, TextSource
 from compress.evals.size import checkpoint_bytes, model_size
 from compress.formats import load_checkpoint, save_checkpoint
-from compress.pipeline.recipe import Recipe, RunContext
 from compress.layers.sparse_linear import SparseLinear, pack_bitmask, unpack_bitmask
+from compress.pipeline.recipe import Recipe, RunContext
+from compress.sources.data import Calibration, TextSource
 
 
 def _prune(model, **opts):
@@ -112,7 +112,7 @@ def test_cli_prune_record_checkpoint_and_eval(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     quick = ["--model", str(tiny_model_dir), "--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc",
              "--eval-seqlen", "128", "--eval-windows", "4", "--no-progress"]
@@ -142,9 +142,9 @@ def test_cli_prune_record_checkpoint_and_eval(tiny_model_dir, tmp_path):
 ])
 def test_pruned_then_quantized_checkpoint_leaves_out_zero_codes(stages, tmp_path, tiny_tok):
     """Codes at their group's zero point (the pruned weights) are not stored; every code comes back on reload."""
-    from compress.model.tiny import tiny_model
     from compress.layers.quant_linear import QuantLinear
     from compress.layers.sparse_linear import SparseQuantLinear
+    from compress.model.tiny import tiny_model
 
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     calib = Calibration(ids, TextSource("test", "random", "-", "-"), 0)

@@ -8,8 +8,18 @@ import torch
 
 from compress.core.errors import CompressError
 from compress.model.tiny import tiny_model
-from compress.sparse.structured import (aggregate, attention_coupled, choose_keep, discover, hidden_coupled,
-    lm_gradients, mlp_coupled, remove_units, unit_scores, zero_units)
+from compress.sparse.structured import (
+    aggregate,
+    attention_coupled,
+    choose_keep,
+    discover,
+    hidden_coupled,
+    lm_gradients,
+    mlp_coupled,
+    remove_units,
+    unit_scores,
+    zero_units,
+)
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 

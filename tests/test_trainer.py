@@ -84,8 +84,8 @@ def test_kd_kl_matches_hand_computation():
 
 
 def test_lora_wraps_and_merges():
-    from compress.train.lora import LoraOptions, add_lora, merge_lora
     from compress.model.tiny import tiny_model
+    from compress.train.lora import LoraOptions, add_lora, merge_lora
 
     model = tiny_model("llama", seed=0)
     ids = torch.randint(0, 256, (2, 12))

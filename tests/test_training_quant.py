@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from compress.core.errors import ConfigError
-from compress.train.fake_quant import (FakeQuantLinear, GroupLayout, _FakeQuant, export_quantized,
-    fake_quantize_model, ste_fake_quantize)
-from compress.layers.quant_linear import QuantLinear
+from compress.kernels.fake_quant import GroupLayout, _FakeQuant, ste_fake_quantize
 from compress.kernels.quant_grid import QuantizedWeight, QuantSpec, rtn_quantize
+from compress.layers.fake_quant_linear import FakeQuantLinear
+from compress.layers.quant_linear import QuantLinear
 from compress.pipeline.recipe import Recipe, RunContext
+from compress.train.fake_quant import export_quantized, fake_quantize_model
 
 TRAIN = dict(steps=6, lr=1e-3, train_samples=16, train_seqlen=32, train_batch_size=4, autocast="float32")
 
@@ -38,7 +39,10 @@ def calib_data(monkeypatch):
         g = torch.Generator().manual_seed(ctx.seed + 1)
         return torch.randint(0, 256, (config.train_samples, config.train_seqlen), generator=g)
 
+    import compress.train.fake_quant as fake_quant
+
     monkeypatch.setattr(trainer, "training_data", fake)
+    monkeypatch.setattr(fake_quant, "training_data", fake)  # bound there at import
 
 
 def _one_row(w, bits=3, sym=True, scale=0.5):
@@ -133,13 +137,13 @@ def test_model_fake_quant_equals_export_and_checkpoint_reloads(tiny_llama, tiny_
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, ref)
     # the last held-out loss the trainer measured on fake-quantized weights is the exported model's loss
-    from compress.train.fake_quant import heldout_split, mean_loss
     from compress.kernels.losses import lm_loss
-    from compress.train.trainer import training_data
+    from compress.train.fake_quant import heldout_split
+    from compress.train.trainer import heldout_loss, training_data
 
     held = heldout_split(training_data(_ctx(), None, method.config))[1]
     assert held.shape[0] == 2
-    assert mean_loss(model, held, lm_loss, 4, torch.device("cpu")) == pytest.approx(method.report["heldout_loss_final"], abs=1e-4)
+    assert heldout_loss(model, held, 4, lm_loss) == pytest.approx(method.report["heldout_loss_final"], abs=1e-4)
 
 
 def test_model_level_fake_quant_then_export_keeps_logits(tiny_llama):
@@ -274,7 +278,7 @@ def test_cli_finetune_qat_then_eval_same_perplexity(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from compress.cli import main
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     quick = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "64", "--eval", "pydoc", "--eval-seqlen", "128",
              "--eval-windows", "4", "--no-progress"]

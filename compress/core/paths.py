@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from compress.core.errors import DataError
+
 log = logging.getLogger("compress")
 
 
@@ -69,7 +71,10 @@ def append_jsonl(store: Path, record: dict[str, Any]) -> None:
         atomic_write_bytes(store, old + line.encode("utf-8"))
 
 
-def read_jsonl(store: Path) -> list[dict[str, Any]]:
+def read_jsonl(store: Path, *, strict: str | None = None, numbered: bool = False) -> list[Any]:
+    """The records of a JSON-lines file ([] when it does not exist), or (line number, record) pairs. A line that is
+    not JSON is skipped with a warning, or, with `strict` (how to name the file in the message), refused with one
+    DataError."""
     if not store.exists():
         return []
     out = []
@@ -77,8 +82,10 @@ def read_jsonl(store: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            out.append((i + 1, json.loads(line)) if numbered else json.loads(line))
         except json.JSONDecodeError:
+            if strict is not None:
+                raise DataError(f"{strict}: line {i + 1} is not JSON") from None
             log.warning("%s line %d is not a JSON record; skipped", store, i + 1)
     return out
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from compress.core.errors import CompressError
-from compress.layers.nf4 import is_nf4_linear, use_reference_kernel
 from compress.formats.base import Format
+from compress.layers.nf4 import is_nf4_linear, use_reference_kernel
 from compress.layers.types import compressed_modules
 
 QUANT_METHOD = "bitsandbytes"

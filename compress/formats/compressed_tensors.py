@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.model.surgery import is_linear_like
 from compress.formats.base import AtomicFolder, Format, state_for_saving, write_model_folder
 from compress.formats.gptq import export_gptq, quantized_linears
 from compress.formats.w8a8 import export_int_quantized, w8a8_modules
+from compress.model.surgery import is_linear_like
 
 log = logging.getLogger("compress")
 

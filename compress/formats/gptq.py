@@ -30,14 +30,20 @@ import torch
 import torch.nn as nn
 
 from compress.core.errors import CompressError, ModelError
-from compress.layers.quant_linear import OWQLinear, QuantLinear
-from compress.model.surgery import is_linear_like
+from compress.formats.base import (
+    AtomicFolder,
+    Format,
+    build_empty_model,
+    load_remaining,
+    read_safetensors,
+    state_for_saving,
+    write_model_folder,
+)
 from compress.kernels.quant_grid import QuantizedWeight, QuantSpec, pack_bits, unpack_bits
-from compress.formats.base import (AtomicFolder, Format, build_empty_model, load_remaining, read_safetensors,
-    state_for_saving, write_model_folder)
+from compress.layers.quant_linear import OWQLinear, QuantLinear
 from compress.layers.types import compressed_modules
 from compress.model.arch import find_blocks
-from compress.model.surgery import set_module
+from compress.model.surgery import is_linear_like, set_module
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 

@@ -16,8 +16,17 @@ import torch
 import torch.nn as nn
 
 from compress.core.errors import ModelError
-from compress.formats.base import (FORMAT_KEY, NATIVE_QUANT_METHOD, AtomicFolder, all_formats, build_empty_model,
-    load_remaining, read_safetensors, state_for_saving, write_model_folder)
+from compress.formats.base import (
+    FORMAT_KEY,
+    NATIVE_QUANT_METHOD,
+    AtomicFolder,
+    all_formats,
+    build_empty_model,
+    load_remaining,
+    read_safetensors,
+    state_for_saving,
+    write_model_folder,
+)
 from compress.layers.types import MODULE_TYPES, compressed_modules
 from compress.model.surgery import set_module
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from compress.layers.sparse_linear import SparseLinear, SparseQuantLinear
 from compress.formats.base import Format
+from compress.layers.sparse_linear import SparseLinear, SparseQuantLinear
 
 SPARSE_FORMAT = "sparse-bitmask"
 

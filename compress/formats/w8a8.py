@@ -18,9 +18,9 @@ from typing import Any
 import torch.nn as nn
 
 from compress.core.errors import CompressError
-from compress.layers.w8a8_linear import W8A8Linear
 from compress.formats.native import save_checkpoint
 from compress.layers.types import compressed_modules
+from compress.layers.w8a8_linear import W8A8Linear
 
 
 def w8a8_modules(model: nn.Module) -> dict[str, W8A8Linear]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-
 INT8_MAX = 127
 
 

@@ -5,7 +5,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 Batch = dict[str, torch.Tensor]
 
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.kernels.hessian import inverse_cholesky, prepare_hessian
 from compress.core.config import option
+from compress.kernels.hessian import inverse_cholesky, prepare_hessian
+from compress.kernels.masks import n_pruned, nm_keep_mask
 from compress.kernels.quant_grid import SCALE_DTYPE, QuantizedWeight, QuantSpec, WeightQuantConfig, find_params
-from compress.kernels.masks import n_pruned
 
 
 @contextlib.contextmanager
@@ -103,8 +103,6 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | Non
     """The one column sweep: quantize (spec) and/or prune (keep: fixed mask; prune: SparseGPT's adaptive mask);
     keep_float: input columns swept last and left in float (OWQ). With keep_float the returned weight and keep cover
     the quantized columns only (natural order), and SweepInfo.kept holds the float ones."""
-    from compress.kernels.masks import nm_keep_mask
-
     if prune is not None and act_order:
         raise ValueError("SparseGPT's mask selection runs in natural column order; act-order does not apply")
     if keep_float is not None and keep_float.numel() and (keep is not None or prune is not None or spec is None):

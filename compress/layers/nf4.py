@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 
 from compress.core.errors import CompressError
+from compress.model.arch import find_blocks
+from compress.model.surgery import set_module
 
 log = logging.getLogger("compress")
 
@@ -88,9 +90,6 @@ def quantize_model_nf4(model: nn.Module, *, block_size: int = 64, double_quant: 
     """Replace every nn.Linear inside the decoder blocks by its NF4 Linear4bit (QLoRA quantizes all block linears;
     embeddings and the output head stay). Returns the names replaced."""
     from tqdm.auto import tqdm
-
-    from compress.model.arch import find_blocks
-    from compress.model.surgery import set_module
 
     path, blocks = find_blocks(model)
     todo = []

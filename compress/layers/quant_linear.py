@@ -15,8 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compress.kernels.quant_grid import (SCALE_DTYPE, QuantizedWeight, QuantSpec, dequantize_codes, pack_bits,
-    packed_words, unpack_bits)
+from compress.kernels.quant_grid import (
+    SCALE_DTYPE,
+    QuantizedWeight,
+    QuantSpec,
+    dequantize_codes,
+    pack_bits,
+    packed_words,
+    unpack_bits,
+)
 
 
 class QuantLinear(nn.Module):

@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compress.layers.quant_linear import QuantLinear
-from compress.kernels.quant_grid import QuantSpec, pack_bits, packed_words, unpack_bits
 from compress.kernels.masks import UNSTRUCTURED
+from compress.kernels.quant_grid import QuantSpec, pack_bits, packed_words, unpack_bits
+from compress.layers.quant_linear import QuantLinear
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

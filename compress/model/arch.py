@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from compress.model.surgery import is_linear_like
+
 _BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")
 NORM_TYPES = (nn.LayerNorm,)
 
@@ -50,8 +52,6 @@ def is_norm(module: nn.Module) -> bool:
 
 def linear_names(block: nn.Module) -> list[str]:
     """Names (relative to the block) of its linear layers, including already-compressed ones."""
-    from compress.model.surgery import is_linear_like
-
     return [n for n, m in block.named_modules() if n and is_linear_like(m)]
 
 
@@ -72,8 +72,6 @@ class BlockGraph:
 
 def trace_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> BlockGraph:
     """Run the block once on `hidden` and record the data flow between its norms and linears."""
-    from compress.model.surgery import is_linear_like
-
     calls: list[tuple[str, torch.Tensor]] = []
     norm_outputs: list[tuple[str, torch.Tensor]] = []
     handles = []

@@ -11,7 +11,6 @@ import torch.nn as nn
 from compress.core.errors import ModelError
 from compress.model.arch import find_blocks
 
-
 CONFIG_KEY = "structured_pruning"  # config.json entry holding per-layer shapes (read by compress.formats.structured)
 
 
@@ -85,8 +84,6 @@ def set_head_counts(attention: nn.Module, heads: int, kv_heads: int) -> None:
 def apply_layer_shapes(model: nn.Module, config: dict[str, Any]) -> None:
     """The structured format's load step: give a freshly built (dense-config) model the per-layer shapes of CONFIG_KEY, with
     uninitialised weights about to be loaded."""
-    from compress.core.errors import ModelError
-
     entry = config[CONFIG_KEY]
     if entry.get("version") != 1:
         raise ModelError(f"{CONFIG_KEY} version {entry.get('version')!r} is unknown to this version of compress")

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the dotted `name` is in `model` (the one module-replacement helper)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from compress.model.arch import BlockGraph, find_blocks, trace_block
-from compress.model.surgery import is_linear_like
+from compress.model.surgery import is_linear_like, set_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from compress.pipeline.method import Method
@@ -173,9 +174,7 @@ class BlockContext:
         return self.block.get_submodule(name)
 
     def replace(self, name: str, module: nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        parent = self.block.get_submodule(parent_name) if parent_name else self.block
-        setattr(parent, child, module.to(self.engine.device))
+        set_module(self.block, name, module.to(self.engine.device))
 
     # ---- data -------------------------------------------------------------------------------------------------------
     def forward_all(self, hooks: dict[str, Callable] | None = None, *, keep_outputs: bool = False) -> None:
@@ -350,39 +349,32 @@ class Engine:
                 h.remove()
 
     def run(self, methods: list["Method"], *, desc: str = "compressing") -> None:
-        """The block loop. Every method's compress_block sees each block in turn, after the methods before it."""
-        from tqdm.auto import tqdm
-
+        """Every method's compress_block sees each block in turn, after the methods before it."""
         needs_data = any(m.needs.calibration for m in methods)
-        if needs_data:
-            if self.calibration is None:
-                names = [m.name for m in methods if m.needs.calibration]
-                raise RuntimeError(f"{', '.join(names)} need calibration data but none was given")
+        if needs_data and self.calibration is None:
+            names = [m.name for m in methods if m.needs.calibration]
+            raise RuntimeError(f"{', '.join(names)} need calibration data but none was given")
+
+        def on_block(ctx: BlockContext) -> None:
+            for m in methods:
+                m.compress_block(ctx)
+
+        self._block_loop(on_block, with_data=needs_data, desc=desc)
+
+    def observe(self, on_block: Callable[[BlockContext], None], *, desc: str = "observing") -> None:
+        """A pass that only looks (statistics, scores) and changes nothing, propagating the model's own outputs."""
+        self._block_loop(on_block, with_data=True, desc=desc)
+
+    def _block_loop(self, on_block: Callable[[BlockContext], None], *, with_data: bool, desc: str) -> None:
+        """The one block loop: capture block 0's inputs (with_data), then for each block call on_block and compute
+        the block's outputs, the next block's inputs, with what on_block left in it."""
+        if with_data:
             self.capture()
         try:
             for i, block in enumerate(tqdm(self.blocks, desc=desc, unit="block", disable=not self.progress)):
                 moved = self._to_device(block)
-                ctx = BlockContext(self, i, block, self.prefix)
-                for m in methods:
-                    m.compress_block(ctx)
-                if needs_data and i < len(self.blocks) - 1:
-                    self.forward_block(block, write_outputs=True)
-                    self.inputs, self.outputs = self.outputs, self.inputs
-                if moved:
-                    block.to("cpu")
-        finally:
-            self.release()
-
-    def observe(self, on_block: Callable[[BlockContext], None], *, desc: str = "observing") -> None:
-        """A pass that only looks (statistics, scores) and changes nothing, propagating the model's own outputs."""
-        from tqdm.auto import tqdm
-
-        self.capture()
-        try:
-            for i, block in enumerate(tqdm(self.blocks, desc=desc, unit="block", disable=not self.progress)):
-                moved = self._to_device(block)
                 on_block(BlockContext(self, i, block, self.prefix))
-                if i < len(self.blocks) - 1:
+                if with_data and i < len(self.blocks) - 1:
                     self.forward_block(block, write_outputs=True)
                     self.inputs, self.outputs = self.outputs, self.inputs
                 if moved:

@@ -9,7 +9,7 @@ what it needs (calibration data, per-linear statistics, gradients, a teacher). T
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from compress.core.config import MethodConfig

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from compress.core.errors import ConfigError
+from compress.pipeline.engine import Engine
 from compress.pipeline.method import Method, build_method
 
 log = logging.getLogger("compress")
@@ -56,8 +57,6 @@ class RunContext:
         return not any(re.search(p, name) for p in self.ignore)
 
     def engine(self, model: torch.nn.Module):
-        from compress.pipeline.engine import Engine
-
         ids = self.calibration.input_ids if self.calibration is not None else None
         return Engine(model, ids, device=self.device, batch_size=self.batch_size, spill=self.spill,
                       spill_dir=self.spill_dir, include=self.include, progress=self.progress)

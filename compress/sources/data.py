@@ -29,8 +29,9 @@ from typing import Any, Callable
 
 import torch
 
-from compress.core.errors import DataError
-from compress.core.paths import cache_dir
+from compress.core.errors import ConfigError, DataError
+from compress.core.paths import cache_dir, read_jsonl
+from compress.layers.weights import count_parameters
 
 log = logging.getLogger("compress")
 
@@ -132,127 +133,129 @@ def _read_user_file(spec: str) -> tuple[str, list[str]]:
         raise DataError(f"{spec!r}: file {str(path)!r} does not exist")
     if path.suffix == ".jsonl":
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DataError(f"{spec!r}: line {i + 1} is not JSON") from None
-                text = obj.get("text") if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{spec!r}: line {i + 1} has no string field 'text'")
-                docs.append(text)
+        for line, obj in read_jsonl(path, strict=repr(spec), numbered=True):
+            text = obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{spec!r}: line {line} has no string field 'text'")
+            docs.append(text)
         return "\n\n".join(docs), docs
     text = path.read_text(encoding="utf-8")
     return text, [text]
 
 
-def eval_text(name: str, data_dir: str | os.PathLike | None = None) -> TextSource:
-    """The evaluation (test) text of a dataset, joined as the papers' perplexity protocol does."""
+@dataclass(frozen=True)
+class _Kit:
+    """One text of the data kit: the local file and how to read it, else the hub dataset that holds the same text.
+    `read` and `fetch` return (text, documents or None)."""
+
+    rel: str  # the file, relative to the data kit
+    read: Callable[[Path], tuple[str, list[str] | None]]
+    variant: str
+    split: str
+    fetch: Callable[[], tuple[str, list[str] | None]]
+    hub_variant: str
+    hub_split: str
+    hub_origin: str
+
+
+def _joined(rows: list[str], sep: str) -> tuple[str, None]:
+    return sep.join(rows), None
+
+
+def _ptb_sentences(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
+
+
+def _c4_parquet(path: Path) -> tuple[str, list[str]]:
+    import pyarrow.parquet as pq
+
+    docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()[:1100]
+    return " ".join(docs), docs
+
+
+def _c4_hub(split: str, shard: str, n: int, joined: bool) -> tuple[str, list[str]]:
+    import datasets
+
+    docs = list(datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"][:n])
+    return (" ".join(docs) if joined else ""), docs
+
+
+# The evaluation (test) texts, joined as the papers' perplexity protocol does, and the texts calibration windows are
+# drawn from (never the evaluation split).
+EVAL_KIT: dict[str, _Kit] = {
+    "wikitext2": _Kit("wikitext-2-raw/wiki.test.raw", lambda p: _joined(_wikitext_rows(p), "\n\n"),
+                      "wikitext-2-raw-v1", "test",
+                      lambda: _joined(_hub_rows("wikitext", "wikitext-2-raw-v1", "test", "text"), "\n\n"),
+                      "wikitext-2-raw-v1", "test", "datasets:wikitext"),
+    "wikitext2-v1": _Kit("wikitext-2/test.txt", lambda p: _joined(_wikitext_rows(p), "\n\n"),
+                         "wikitext-2-v1 (tokenized)", "test",
+                         lambda: _joined(_hub_rows("wikitext", "wikitext-2-v1", "test", "text"), "\n\n"),
+                         "wikitext-2-v1 (tokenized)", "test", "datasets:wikitext"),
+    "ptb": _Kit("ptb/ptb.test.txt", lambda p: _joined(_ptb_sentences(p), " "), "ptb_text_only (Mikolov LM split)",
+                "test", lambda: _joined(_hub_rows("ptb_text_only", "penn_treebank", "test", "sentence"), " "),
+                "ptb_text_only (Mikolov LM split)", "test", "datasets:ptb_text_only"),
+    "c4": _Kit("c4/c4_validation_2k.parquet", _c4_parquet,
+               "c4 en validation, data-kit 2k subset, first 1100 docs (not the papers' shard)", "validation",
+               lambda: _c4_hub("validation", "en/c4-validation.00000-of-00008.json.gz", 1100, True),
+               "c4 en validation shard 0, first 1100 docs", "validation", "datasets:allenai/c4"),
+}
+CALIB_KIT: dict[str, _Kit] = {
+    name: _Kit("wikitext-2/valid.txt", lambda p: _joined(_wikitext_rows(p), " "), "wikitext-2-v1 (tokenized)",
+               "validation", lambda cfg=cfg: _joined(_hub_rows("wikitext", cfg, "train", "text"), " "), cfg, "train",
+               "datasets:wikitext")
+    for name, cfg in (("wikitext2", "wikitext-2-raw-v1"), ("wikitext2-v1", "wikitext-2-v1"))
+}
+CALIB_KIT.update({
+    "ptb": _Kit("ptb/ptb.valid.txt", lambda p: _joined(_ptb_sentences(p), " "), "ptb_text_only", "validation",
+                lambda: _joined(_hub_rows("ptb_text_only", "penn_treebank", "train", "sentence"), " "),
+                "ptb_text_only", "train", "datasets:ptb_text_only"),
+    "c4": _Kit("c4/c4_sample.jsonl",
+               lambda p: ("", [json.loads(ln)["text"] for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]),
+               "c4 en train shard 0, first 1000 docs", "train",
+               lambda: _c4_hub("train", "en/c4-train.00000-of-01024.json.gz", 5000, False),
+               "c4 en train shard 0", "train", "datasets:allenai/c4"),
+})
+
+
+def _from_kit(name: str, kit: _Kit, data_dir: str | os.PathLike | None) -> TextSource:
+    """The local copy in the data kit, else the hub, else one error naming the file looked for."""
+    ddir = resolve_data_dir(data_dir)
+    p = _local_file(ddir, kit.rel)
+    if p:
+        text, docs = kit.read(p)
+        return TextSource(name, kit.variant, kit.split, str(p), text, docs)
+    if hub_reachable():
+        text, docs = kit.fetch()
+        return TextSource(name, kit.hub_variant, kit.hub_split, kit.hub_origin, text, docs)
+    raise _missing(name, ddir, kit.rel)
+
+
+def _text(name: str, data_dir: str | os.PathLike | None, kit: dict[str, _Kit], pydoc: tuple[int, str, str],
+          unknown: str) -> TextSource:
+    """A user file, pydoc's topics (`pydoc`: which part, its description and split), or a data-kit text."""
     name = name.strip()
     if name.startswith("file:"):
         text, docs = _read_user_file(name)
         return TextSource(name, "user file", "all", name[5:], text, docs)
     if name == "pydoc":
-        _, ev = _pydoc_topics()
-        return TextSource("pydoc", "pydoc_data.topics, every 5th topic", "eval", "embedded:pydoc_data", "\n\n".join(ev), ev)
-    ddir = resolve_data_dir(data_dir)
-    if name == "wikitext2":
-        rel = "wikitext-2-raw/wiki.test.raw"
-        p = _local_file(ddir, rel)
-        if p:
-            rows = _wikitext_rows(p)
-            return TextSource(name, "wikitext-2-raw-v1", "test", str(p), "\n\n".join(rows))
-        if hub_reachable():
-            rows = _hub_rows("wikitext", "wikitext-2-raw-v1", "test", "text")
-            return TextSource(name, "wikitext-2-raw-v1", "test", "datasets:wikitext", "\n\n".join(rows))
-        raise _missing(name, ddir, rel)
-    if name == "wikitext2-v1":
-        rel = "wikitext-2/test.txt"
-        p = _local_file(ddir, rel)
-        if p:
-            rows = _wikitext_rows(p)
-            return TextSource(name, "wikitext-2-v1 (tokenized)", "test", str(p), "\n\n".join(rows))
-        if hub_reachable():
-            rows = _hub_rows("wikitext", "wikitext-2-v1", "test", "text")
-            return TextSource(name, "wikitext-2-v1 (tokenized)", "test", "datasets:wikitext", "\n\n".join(rows))
-        raise _missing(name, ddir, rel)
-    if name == "ptb":
-        rel = "ptb/ptb.test.txt"
-        p = _local_file(ddir, rel)
-        if p:
-            sents = [ln.strip() for ln in p.read_text(encoding="utf-8").split("\n") if ln.strip()]
-            return TextSource(name, "ptb_text_only (Mikolov LM split)", "test", str(p), " ".join(sents))
-        if hub_reachable():
-            sents = _hub_rows("ptb_text_only", "penn_treebank", "test", "sentence")
-            return TextSource(name, "ptb_text_only (Mikolov LM split)", "test", "datasets:ptb_text_only", " ".join(sents))
-        raise _missing(name, ddir, rel)
-    if name == "c4":
-        rel = "c4/c4_validation_2k.parquet"
-        p = _local_file(ddir, rel)
-        if p:
-            import pyarrow.parquet as pq
+        part, variant, split = pydoc
+        texts = _pydoc_topics()[part]
+        return TextSource("pydoc", variant, split, "embedded:pydoc_data", "\n\n".join(texts), texts)
+    if name in kit:
+        return _from_kit(name, kit[name], data_dir)
+    raise DataError(unknown.format(name=name))
 
-            docs = pq.read_table(p, columns=["text"]).column("text").to_pylist()[:1100]
-            return TextSource(name, "c4 en validation, data-kit 2k subset, first 1100 docs (not the papers' shard)",
-                              "validation", str(p), " ".join(docs), docs)
-        if hub_reachable():
-            import datasets
 
-            ds = datasets.load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
-                                       split="validation")
-            docs = list(ds["text"][:1100])
-            return TextSource(name, "c4 en validation shard 0, first 1100 docs", "validation", "datasets:allenai/c4", " ".join(docs), docs)
-        raise _missing(name, ddir, rel)
-    raise DataError(f"unknown dataset {name!r}; choose one of: wikitext2, wikitext2-v1, ptb, c4, pydoc, file:PATH")
+def eval_text(name: str, data_dir: str | os.PathLike | None = None) -> TextSource:
+    """The evaluation (test) text of a dataset, joined as the papers' perplexity protocol does."""
+    return _text(name, data_dir, EVAL_KIT, (1, "pydoc_data.topics, every 5th topic", "eval"),
+                 "unknown dataset {name!r}; choose one of: wikitext2, wikitext2-v1, ptb, c4, pydoc, file:PATH")
 
 
 def calib_text(name: str, data_dir: str | os.PathLike | None = None) -> TextSource:
     """The text calibration windows are drawn from (never the evaluation split)."""
-    name = name.strip()
-    if name.startswith("file:"):
-        text, docs = _read_user_file(name)
-        return TextSource(name, "user file", "all", name[5:], text, docs)
-    if name == "pydoc":
-        cal, _ = _pydoc_topics()
-        return TextSource("pydoc", "pydoc_data.topics, 4 of every 5 topics", "calibration", "embedded:pydoc_data", "\n\n".join(cal), cal)
-    ddir = resolve_data_dir(data_dir)
-    if name in ("wikitext2", "wikitext2-v1"):
-        rel = "wikitext-2/valid.txt"
-        p = _local_file(ddir, rel)
-        if p:
-            rows = _wikitext_rows(p)
-            return TextSource(name, "wikitext-2-v1 (tokenized)", "validation", str(p), " ".join(rows))
-        if hub_reachable():
-            cfg = "wikitext-2-raw-v1" if name == "wikitext2" else "wikitext-2-v1"
-            rows = _hub_rows("wikitext", cfg, "train", "text")
-            return TextSource(name, cfg, "train", "datasets:wikitext", " ".join(rows))
-        raise _missing(name, ddir, rel)
-    if name == "ptb":
-        rel = "ptb/ptb.valid.txt"
-        p = _local_file(ddir, rel)
-        if p:
-            sents = [ln.strip() for ln in p.read_text(encoding="utf-8").split("\n") if ln.strip()]
-            return TextSource(name, "ptb_text_only", "validation", str(p), " ".join(sents))
-        if hub_reachable():
-            sents = _hub_rows("ptb_text_only", "penn_treebank", "train", "sentence")
-            return TextSource(name, "ptb_text_only", "train", "datasets:ptb_text_only", " ".join(sents))
-        raise _missing(name, ddir, rel)
-    if name == "c4":
-        rel = "c4/c4_sample.jsonl"
-        p = _local_file(ddir, rel)
-        if p:
-            docs = [json.loads(ln)["text"] for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            return TextSource(name, "c4 en train shard 0, first 1000 docs", "train", str(p), "", docs)
-        if hub_reachable():
-            import datasets
-
-            ds = datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
-            return TextSource(name, "c4 en train shard 0", "train", "datasets:allenai/c4", "", list(ds["text"][:5000]))
-        raise _missing(name, ddir, rel)
-    raise DataError(f"unknown calibration source {name!r}; choose one of: {', '.join(SOURCES)}, file:PATH")
+    return _text(name, data_dir, CALIB_KIT, (0, "pydoc_data.topics, 4 of every 5 topics", "calibration"),
+                 f"unknown calibration source {{name!r}}; choose one of: {', '.join(SOURCES)}, file:PATH")
 
 
 def with_pydoc_fallback(loader: Callable[[str], TextSource], name: str) -> TextSource:
@@ -344,8 +347,6 @@ class Calibration:
 
 
 def _check_counts(nsamples: int, seqlen: int) -> None:
-    from compress.core.errors import ConfigError
-
     if nsamples < 1:
         raise ConfigError(f"--nsamples {nsamples!r} is out of range; allowed: >= 1")
     if seqlen < 2:
@@ -409,8 +410,6 @@ def generated_calibration(model: torch.nn.Module, tokenizer, *, nsamples: int, s
                           greedy_tokens: int = 4, batch_size: int = 16, use_cache: bool = True) -> Calibration:
     """Data-free calibration (LLM-QAT, Liu et al. 2023, Sec. 2.1): start from a random vocabulary token, take the
     next few tokens greedily (top-1), then sample the rest from the model's distribution."""
-    from compress.layers.weights import count_parameters
-
     key = {"what": "generated", "model": count_parameters(model), "cfg": hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16],
            "w": float(next(model.parameters()).float().abs().sum()), "tok": tokenizer_fingerprint(tokenizer), "n": nsamples,
            "L": seqlen, "seed": seed, "greedy": greedy_tokens}

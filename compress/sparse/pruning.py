@@ -17,8 +17,9 @@ import torch.nn as nn
 
 from compress.core.config import MethodConfig, option, parse_nm
 from compress.core.errors import ConfigError
-from compress.pipeline.method import Method
 from compress.kernels.masks import MAX_SPARSITY, UNSTRUCTURED
+from compress.layers.sparse_linear import SparseLinear
+from compress.pipeline.method import Method
 
 log = logging.getLogger("compress")
 
@@ -73,8 +74,6 @@ class PruningMethod(Method):
 
     def sparse_layer(self, name: str, linear: nn.Module, weight: torch.Tensor, keep: torch.Tensor,
                      structure: str | None = None, **facts: Any) -> nn.Module:
-        from compress.layers.sparse_linear import SparseLinear
-
         mod = SparseLinear.from_dense(weight, keep, getattr(linear, "bias", None), structure=structure or self.config.structure)
         self.record_layer(name, keep, **facts)
         return mod

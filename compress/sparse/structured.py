@@ -28,10 +28,19 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from compress.model.arch import find_blocks, is_norm, trace_block
 from compress.core.errors import CompressError
-from compress.model.shapes import (CONFIG_KEY, Member, _parent, _resize_member, _retie, apply_layer_shapes,
-    set_head_counts)
+from compress.kernels.losses import lm_loss
+from compress.model.arch import find_blocks, is_norm, trace_block
+from compress.model.shapes import (
+    CONFIG_KEY,
+    Member,
+    _parent,
+    _resize_member,
+    _retie,
+    apply_layer_shapes,
+    set_head_counts,
+)
+from compress.pipeline.engine import Engine
 
 log = logging.getLogger("compress")
 
@@ -146,8 +155,6 @@ def block_layout(block: nn.Module, hidden: torch.Tensor, kwargs: dict, config: A
 
 def discover(model: nn.Module) -> tuple[str, list[BlockLayout]]:
     """(block path, layout of every block), from one traced forward pass per block on a short random sequence."""
-    from compress.pipeline.engine import Engine
-
     prefix, blocks = find_blocks(model)
     hidden, kwargs = Engine(model, None).synthetic_block_input()
     layouts = [block_layout(b, hidden, kwargs, model.config) for b in blocks]
@@ -285,8 +292,6 @@ def lm_gradients(model: nn.Module, input_ids: torch.Tensor, params: dict[str, nn
     """Mean gradient of the next-token loss over the sequences (float32), and with `fisher` the diagonal empirical
     Fisher, the mean of squared per-sequence gradients (LLM-Pruner eq. 5: H_kk ~ sum_j (dL(D_j)/dW_k)^2 / N)."""
     from tqdm.auto import tqdm
-
-    from compress.kernels.losses import lm_loss
 
     n, seqlen = input_ids.shape
     bs = 1 if fisher else max(1, min(n, batch_tokens // max(1, seqlen)))

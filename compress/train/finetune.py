@@ -10,9 +10,7 @@ Data is either
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,13 @@ import torch.nn as nn
 
 from compress.core.config import MethodConfig, option
 from compress.core.errors import ConfigError, DataError
-from compress.kernels.losses import Batch, lm_loss
+from compress.core.paths import read_jsonl
+from compress.formats import compressed_modules
+from compress.kernels.losses import Batch
+from compress.layers.nf4 import is_nf4_linear
+from compress.model.arch import find_blocks
+from compress.sources.data import eval_text, tokenize_text, with_pydoc_fallback
+from compress.train.trainer import training_data, training_source
 
 log = logging.getLogger("compress")
 
@@ -60,15 +64,7 @@ def load_instructions(spec: str) -> list[dict[str, str]]:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise DataError(f"--instructions {spec!r}: no such file (a .jsonl of {{instruction, input, output}} records, or hf:<id>)")
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise DataError(f"--instructions {spec!r}: line {i + 1} is not JSON") from None
+        rows = read_jsonl(path, strict=f"--instructions {spec!r}")
     records = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
@@ -114,8 +110,6 @@ def encode_instructions(records: list[dict[str, str]], tokenizer, seqlen: int, p
 def finetune_data(ctx: Any, model: nn.Module, config: Any) -> tuple[Batch, Batch, dict[str, Any]]:
     """(training batch, held-out batch, description for the record) for a method whose config has TrainConfig's
     and InstructionOptions' fields."""
-    from compress.train.trainer import training_data
-
     if config.instructions:
         records = load_instructions(config.instructions)
         if len(records) <= config.heldout:
@@ -127,10 +121,8 @@ def finetune_data(ctx: Any, model: nn.Module, config: Any) -> tuple[Batch, Batch
         desc = {"data": "instructions", "source": config.instructions, "prompt_format": config.prompt_format,
                 "train_records": len(train_recs), "heldout_records": len(held_recs), "seqlen": config.train_seqlen}
         return train, held, desc
-    from compress.sources.data import eval_text, tokenize_text, with_pydoc_fallback
-
     ids = training_data(ctx, model, config)
-    src_name = ctx.calibration.source.name if ctx.calibration is not None else "wikitext2"
+    src_name = training_source(ctx)
     if src_name == "generated":
         raise ConfigError("plain-text fine-tuning needs a text source for its held-out windows; --calib generated has "
                           "none (use --instructions or another --calib)")
@@ -146,58 +138,9 @@ def finetune_data(ctx: Any, model: nn.Module, config: Any) -> tuple[Batch, Batch
     return {"input_ids": ids}, held, desc
 
 
-@torch.no_grad()
-def heldout_loss(model: nn.Module, batch: Batch, batch_size: int = 4) -> float:
-    """Mean next-token cross-entropy over every labelled token of the held-out batch (model in eval mode)."""
-    was = model.training
-    model.eval()
-    n = batch["input_ids"].shape[0]
-    device = next(p for p in model.parameters() if p.is_floating_point()).device
-    total, count = 0.0, 0
-    for s in range(0, n, batch_size):
-        part = {k: v[s:s + batch_size].to(device) for k, v in batch.items()}
-        labels = part.get("labels", part["input_ids"])
-        tokens = int((labels[:, 1:] != -100).sum())
-        total += lm_loss(model, part).item() * tokens
-        count += tokens
-    model.train(was)
-    if count == 0:
-        raise DataError("the held-out set has no labelled tokens")
-    return total / count
-
-
-def describe_losses(before: float, after: float) -> dict[str, float]:
-    return {"heldout_loss_before": round(before, 5), "heldout_loss_after": round(after, 5),
-            "heldout_ppl_before": round(math.exp(before), 4), "heldout_ppl_after": round(math.exp(after), 4)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training adapters, and keeping a pruned model's zeros where they are
-# ---------------------------------------------------------------------------------------------------------------
-def train_adapters(peft_model: nn.Module, ctx: Any, config: Any, train: Batch, held: Batch, *, desc: str,
-                   loss_fn=lm_loss) -> dict[str, Any]:
-    """Train the adapters of `peft_model` with the shared Trainer; held-out loss before and after. Returns the
-    report: training summary plus held-out losses."""
-    from compress.train.trainer import Trainer
-
-    bs = config.train_batch_size
-    peft_model.to(ctx.device)
-    before = heldout_loss(peft_model, held, bs)
-    log.info("%s: held-out loss before training %.4f", desc, before)
-    trainer = Trainer(peft_model, train, config, loss_fn=loss_fn, device=ctx.device, seed=ctx.seed, desc=desc,
-                      progress=ctx.progress, eval_fn=lambda m: {"heldout_loss": heldout_loss(m, held, bs)})
-    result = trainer.train()
-    after = result.evals[-1]["heldout_loss"] if result.evals else heldout_loss(peft_model, held, bs)
-    log.info("%s: held-out loss %.4f -> %.4f after %d steps", desc, before, after, result.steps)
-    return {**result.summary(), **describe_losses(before, after)}
-
-
 def require_float_linears(model: nn.Module, method: str, advice: str) -> None:
     """Refuse (one ConfigError) a model whose layers hold integer codes (this project's compressed modules, NF4):
     `method` trains or re-quantizes float weights."""
-    from compress.formats import compressed_modules
-    from compress.layers.nf4 import is_nf4_linear
-
     # sparse layers (SparseLinear: a float weight with zeros) train like any float linear; their zeros are kept
     quantized = [n for n, m in compressed_modules(model).items() if not _float_linear(m)]
     quantized += [n for n, m in model.named_modules() if is_nf4_linear(m)]
@@ -217,8 +160,6 @@ def _float_linear(mod: nn.Module) -> bool:
 def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Where the decoder blocks' linear weights are exactly zero (a pruned model's masks), per module name; modules
     without zeros are left out."""
-    from compress.model.arch import find_blocks
-
     path, blocks = find_blocks(model)
     masks = {}
     for i, block in enumerate(blocks):
@@ -232,8 +173,6 @@ def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def sparsity(masks: dict[str, torch.Tensor], model: nn.Module) -> float:
     """Fraction of zeros over the block linears of `model` (those named in masks and the others)."""
-    from compress.model.arch import find_blocks
-
     _, blocks = find_blocks(model)
     total = sum(m.weight.numel() for b in blocks for m in b.modules() if _float_linear(m))
     return sum(int(z.sum()) for z in masks.values()) / total if total else 0.0

@@ -15,8 +15,9 @@ import logging
 import torch
 import torch.nn as nn
 
-from compress.model.arch import find_blocks
 from compress.core.errors import ConfigError
+from compress.model.arch import find_blocks
+from compress.model.surgery import set_module
 
 log = logging.getLogger("compress")
 
@@ -82,9 +83,7 @@ def drop_blocks(model: nn.Module, keep: list[int]) -> nn.Module:
         for mod in block.modules():
             if hasattr(mod, "layer_idx") and isinstance(mod.layer_idx, int):
                 mod.layer_idx = new_idx
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, kept)
+    set_module(model, path, kept)
     cfg = model.config
     cfg.num_hidden_layers = len(kept)
     layer_types = getattr(cfg, "layer_types", None)

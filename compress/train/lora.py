@@ -3,12 +3,16 @@ QLoRA fine-tuning and by "LoRA recovery" stages after pruning or quantization.""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
 
+import torch
 import torch.nn as nn
 
 from compress.core.config import MethodConfig, option
-from dataclasses import dataclass
+from compress.kernels.losses import Batch, lm_loss
+from compress.train.trainer import Trainer, heldout_loss
 
 log = logging.getLogger("compress")
 
@@ -52,12 +56,28 @@ def merge_lora(peft_model: nn.Module) -> nn.Module:
     return merged
 
 
-def lora_finetune(model: nn.Module, data, opts: LoraOptions, train, *, device="cpu", seed: int = 0,
-                  progress: bool = True, desc: str = "LoRA"):
-    """Train LoRA adapters on `model` with the shared Trainer (`train`: a compress.train.trainer.TrainConfig), then merge
-    them into its weights. Returns (the plain merged model, the TrainResult). Used for recovery after pruning."""
-    from compress.train.trainer import Trainer
+def describe_losses(before: float, after: float) -> dict[str, float]:
+    return {"heldout_loss_before": round(before, 5), "heldout_loss_after": round(after, 5),
+            "heldout_ppl_before": round(math.exp(before), 4), "heldout_ppl_after": round(math.exp(after), 4)}
 
-    peft_model = add_lora(model, opts)
-    result = Trainer(peft_model, data, train, device=device, seed=seed, desc=desc, progress=progress).train()
-    return merge_lora(peft_model), result
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training adapters, and keeping a pruned model's zeros where they are
+# ---------------------------------------------------------------------------------------------------------------
+def train_adapters(peft_model: nn.Module, ctx: Any, config: Any, train: Batch | torch.Tensor, held: Batch | None, *,
+                   desc: str, loss_fn=lm_loss) -> dict[str, Any]:
+    """Train the adapters of `peft_model` with the shared Trainer (`config`: a TrainConfig); with a held-out batch,
+    its loss before and after. Returns the report: training summary (plus held-out losses)."""
+    bs = config.train_batch_size
+    peft_model.to(ctx.device)
+    if held is None:
+        return Trainer(peft_model, train, config, loss_fn=loss_fn, device=ctx.device, seed=ctx.seed, desc=desc,
+                       progress=ctx.progress).train().summary()
+    before = heldout_loss(peft_model, held, bs)
+    log.info("%s: held-out loss before training %.4f", desc, before)
+    trainer = Trainer(peft_model, train, config, loss_fn=loss_fn, device=ctx.device, seed=ctx.seed, desc=desc,
+                      progress=ctx.progress, eval_fn=lambda m: {"heldout_loss": heldout_loss(m, held, bs)})
+    result = trainer.train()
+    after = result.evals[-1]["heldout_loss"] if result.evals else heldout_loss(peft_model, held, bs)
+    log.info("%s: held-out loss %.4f -> %.4f after %d steps", desc, before, after, result.steps)
+    return {**result.summary(), **describe_losses(before, after)}

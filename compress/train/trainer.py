@@ -28,8 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress.core.config import MethodConfig, option
-from compress.core.errors import ConfigError
+from compress.core.errors import ConfigError, DataError
+from compress.core.paths import atomic_write_bytes
 from compress.kernels.losses import Batch, kd_kl, lm_loss
+from compress.sources.data import get_calibration
 
 log = logging.getLogger("compress")
 
@@ -171,8 +173,6 @@ class Trainer:
     def save_state(self, step: int) -> None:
         from safetensors.torch import save_file
 
-        from compress.core.paths import atomic_write_bytes
-
         assert self.state_dir is not None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in zip(self.names, self.params)}
@@ -280,12 +280,36 @@ class Trainer:
         return self.result
 
 
+def training_source(ctx: Any) -> str:
+    """The text a training-aware method reads by default: the run's calibration source (wikitext2 without one)."""
+    return ctx.calibration.source.name if ctx.calibration is not None else "wikitext2"
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, batch: Batch | torch.Tensor, batch_size: int = 4, loss_fn: Callable = lm_loss) -> float:
+    """Mean of loss_fn (next-token cross-entropy by default) over every labelled token of the held-out sequences,
+    in micro-batches, model in eval mode."""
+    batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
+    was = model.training
+    model.eval()
+    device = next(p for p in model.parameters() if p.is_floating_point()).device
+    total, count = 0.0, 0
+    for s in range(0, batch["input_ids"].shape[0], batch_size):
+        part = {k: v[s:s + batch_size].to(device) for k, v in batch.items()}
+        labels = part.get("labels", part["input_ids"])
+        tokens = int((labels[:, 1:] != -100).sum())
+        total += float(loss_fn(model, part)) * tokens
+        count += tokens
+    model.train(was)
+    if count == 0:
+        raise DataError("the held-out set has no labelled tokens")
+    return total / count
+
+
 def training_data(ctx: Any, model: nn.Module, config: TrainConfig, source: str | None = None) -> torch.Tensor:
     """Training sequences for a training-aware method: the run's calibration source (or `source`), drawn with the
     training sample count and length and a seed of its own, so they never equal the calibration windows."""
-    from compress.sources.data import get_calibration
-
-    src = source or (ctx.calibration.source.name if ctx.calibration is not None else "wikitext2")
+    src = source or training_source(ctx)
     cal = get_calibration(src, ctx.tokenizer, nsamples=config.train_samples, seqlen=config.train_seqlen,
                           seed=ctx.seed + 1, data_dir=ctx.data_dir, model=model, fallback=ctx.data_dir is None)
     return cal.input_ids

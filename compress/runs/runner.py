@@ -6,14 +6,21 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from compress.core.errors import CompressError, ConfigError
-from compress.run.spec import RunSpec
+from compress.evals.baselines import cached_baseline, remember_baseline
+from compress.evals.perplexity import perplexity, prepare, protocol_key
+from compress.evals.size import size_report
+from compress.formats import check_output_dir, save_checkpoint
+from compress.pipeline.recipe import Recipe, RunContext
+from compress.runs.results import append_record, environment, new_run_id, now_iso, peak_memory
+from compress.runs.spec import RunSpec
+from compress.sources.data import get_calibration, resolve_data_dir
+from compress.sources.models import load_model, resolve_device, resolve_dtype, resolve_source
 
 log = logging.getLogger("compress")
 
@@ -29,11 +36,6 @@ def default_output(spec: RunSpec, recipe) -> str:
 
 def validate(spec: RunSpec):
     """Check every input before anything is loaded or written. Returns (recipe, output folder or None)."""
-    from compress.sources.data import resolve_data_dir
-    from compress.formats import check_output_dir
-    from compress.sources.models import resolve_device, resolve_dtype, resolve_source
-    from compress.pipeline.recipe import Recipe
-
     recipe = Recipe.from_specs(spec.stages) if spec.stages else None
     if spec.kind != "eval" and recipe is None:
         raise ConfigError("no method given")
@@ -75,10 +77,6 @@ def validate(spec: RunSpec):
 
 def evaluate(model, tokenizer, spec: RunSpec, *, model_fp: str | None = None, label: str = "") -> dict[str, Any]:
     """Perplexity on each dataset of spec.eval (and lm-eval tasks if asked). With model_fp, results are cached."""
-    from compress.evals.perplexity import perplexity, prepare, protocol_key
-
-    from compress.evals.baselines import cached_baseline, remember_baseline
-
     metrics: dict[str, Any] = {}
     dtype = next(model.parameters()).dtype
     seqlen = spec.eval_seqlen
@@ -118,14 +116,6 @@ def evaluate(model, tokenizer, spec: RunSpec, *, model_fp: str | None = None, la
 def execute(spec: RunSpec, console=None, *, store: bool = True) -> dict[str, Any]:
     """Run one compression (or evaluation) and append its record (unless store=False: a grid driver appends it).
     Returns the record."""
-    from compress.evals.size import size_report
-
-    from compress.sources.data import get_calibration
-    from compress.formats import save_checkpoint
-    from compress.sources.models import load_model, resolve_device
-    from compress.pipeline.recipe import RunContext
-    from compress.run.results import append_record, environment, new_run_id, now_iso, peak_memory
-
     recipe, output = validate(spec)
     t_start = time.perf_counter()
     device = resolve_device(spec.device)
@@ -206,8 +196,6 @@ def execute(spec: RunSpec, console=None, *, store: bool = True) -> dict[str, Any
 
 
 def _finish(record: dict[str, Any], spec: RunSpec, t_start: float, console, store: bool = True) -> dict[str, Any]:
-    from compress.run.results import append_record, environment, peak_memory
-
     record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     record["peak_memory"] = peak_memory()
     record["env"] = environment()

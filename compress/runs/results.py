@@ -10,16 +10,14 @@ e.g. one written by hand.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
-import json
 import logging
 import os
 import platform
 import subprocess
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
 from compress.core.paths import append_jsonl, read_jsonl
 
 log = logging.getLogger("compress")

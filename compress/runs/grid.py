@@ -36,8 +36,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from compress.core.config import _base_type
 from compress.core.errors import CompressError, ConfigError
-from compress.run.spec import RunSpec, coerce
+from compress.pipeline.method import get_method
+from compress.pipeline.recipe import Recipe
+from compress.runs.console import _setup_logging
+from compress.runs.results import append_record, environment, new_run_id, now_iso, read_records
+from compress.runs.runner import execute
+from compress.runs.spec import RunSpec, coerce
 
 log = logging.getLogger("compress")
 
@@ -61,8 +67,6 @@ class Cell:
 
     def spec(self, results_dir: str | None, output_dir: str | None):
         """The RunSpec of this cell."""
-        from compress.pipeline.recipe import Recipe
-
         c = self.config
         recipe = Recipe.from_specs(c["stages"]) if c["stages"] else None
         kind = "eval" if recipe is None else ("recipe" if len(c["stages"]) > 1 else KIND_OF_FAMILY.get(recipe.family, "recipe"))
@@ -102,9 +106,6 @@ def _as_list(value: Any, what: str) -> list[Any]:
 
 def _is_list_option(method: str, option: str) -> bool:
     """Whether a method option itself takes a list (then a list of lists is an axis of the grid)."""
-    from compress.core.config import _base_type
-    from compress.pipeline.method import get_method
-
     for f, tp in get_method(method).Config.field_specs():
         if f.name == option.replace("-", "_"):
             base, _ = _base_type(tp)
@@ -147,8 +148,6 @@ def _check_keys(d: dict[str, Any], allowed: typing.Iterable[str], where: str) ->
 def load_grid(path: str | os.PathLike, results_dir: str | None = None) -> Grid:
     """Read, validate and expand a grid file. Every method option is checked before any cell runs."""
     import yaml
-
-    from compress.pipeline.recipe import Recipe
 
     p = Path(path)
     if not p.is_file():
@@ -208,8 +207,6 @@ def load_grid(path: str | os.PathLike, results_dir: str | None = None) -> Grid:
 # ---------------------------------------------------------------------------------------------------------------
 def cell_states(grid: Grid) -> dict[str, tuple[str, dict[str, Any] | None]]:
     """key -> (done | failed | pending, the deciding record)."""
-    from compress.run.results import read_records
-
     keys = {c.key for c in grid.cells}
     latest_ok: dict[str, dict] = {}
     latest_fail: dict[str, dict] = {}
@@ -230,8 +227,6 @@ def cell_states(grid: Grid) -> dict[str, tuple[str, dict[str, Any] | None]]:
 
 
 def failure_record(cell: Cell, spec, error: BaseException | str, seconds: float, executor: str) -> dict[str, Any]:
-    from compress.run.results import environment, new_run_id, now_iso
-
     msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return {"run_id": new_run_id(), "time": now_iso(), "kind": spec.kind, "status": "failed", "tag": cell.key,
             "error": msg.strip().splitlines()[0][:2000] if msg.strip() else type(error).__name__,
@@ -241,8 +236,6 @@ def failure_record(cell: Cell, spec, error: BaseException | str, seconds: float,
 
 
 def _store(record: dict[str, Any], grid: Grid, cell: Cell, executor: str) -> None:
-    from compress.run.results import append_record
-
     record.pop("_store", None)
     record.setdefault("grid", {})
     record["grid"].update({"name": grid.name, "file": str(grid.path), "cell": cell.config})
@@ -278,8 +271,6 @@ def _absolute_spec(spec):
 def run_in_process(grid: Grid, cells: list[Cell], report: Callable[[Cell, dict], None]) -> None:
     from tqdm.auto import tqdm
 
-    from compress.run.runner import execute
-
     for cell in tqdm(cells, desc=f"grid {grid.name}", unit="cell", disable=len(cells) < 2, leave=False):
         spec = _absolute_spec(cell.spec(grid.results_dir, grid.output_dir))
         t0 = time.perf_counter()
@@ -296,9 +287,6 @@ def run_in_process(grid: Grid, cells: list[Cell], report: Callable[[Cell, dict],
 def _ray_cell(spec_dict: dict[str, Any]) -> dict[str, Any]:
     """A Ray task: run one cell and hand the record back to the driver (the worker never writes the store)."""
     import socket
-
-    from compress.run.console import _setup_logging
-    from compress.run.runner import execute
 
     _setup_logging(0, True)
     record = execute(RunSpec(**spec_dict), store=False)

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from compress.core.errors import CompressError
+from compress.core.paths import atomic_write_bytes
+from compress.runs.results import read_records, store_path
+from compress.runs.results import results_dir as resolve_results
 
 log = logging.getLogger("compress")
 SIZE_AXES = ("bits", "bytes")
@@ -321,8 +324,6 @@ def build_report(records: list[dict[str, Any]], metric: str, *, model: str | Non
 
 def write_report(points: list[Point], left: Counter, metric: str, axis: str, protocol_text: str, out: Path
                  ) -> tuple[Path, Path]:
-    from compress.core.paths import atomic_write_bytes
-
     md = out.with_suffix(".md")
     atomic_write_bytes(md, markdown_table(points, metric, axis, protocol_text, left).encode())
     png = plot(points, metric, axis, protocol_text, out.with_suffix(".png"))
@@ -349,8 +350,6 @@ def print_table(points: list[Point], metric: str, axis: str, protocol_text: str,
 def report(*, metric: str, model: str | None, results_dir: str | None, axis: str, protocol: str | None,
            out: str | None, console) -> tuple[Path, Path]:
     """`compress report`: the table on the console, the Markdown table and PNG plot written. Returns their paths."""
-    from compress.run.results import read_records, results_dir as resolve_results, store_path
-
     store = store_path(results_dir)
     records = read_records(results_dir)
     if not records:
