@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from compress.core.config import _base_type, flag_name
-from compress.core.errors import CompressError
+from compress.core.errors import CompressError, Interrupted
 from compress.runs.console import _console, _fail, _setup_logging
 from compress.runs.spec import RUN, RunSpec, coerce, run_fields
 
@@ -46,6 +46,25 @@ class LazyGroup(click.Group):
         cmd = globals()[VERBS[name][0]]()
         cmd.name = name
         return cmd
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Every failure of a verb is one line on stderr (the traceback after it with --verbose): bad input exits 2,
+        Ctrl-C 130 (saying what was kept), anything unforeseen 1."""
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except click.ClickException as e:  # a bad flag or value, found by click while parsing the verb's options
+            sub = ctx.invoked_subcommand or ""
+            _fail(f"{e.format_message()} (see `compress {sub} --help`)".replace("compress  ", "compress "), e.exit_code)
+        except Interrupted as e:
+            _fail(e, 130)
+        except KeyboardInterrupt:
+            _fail("interrupted (Ctrl-C)", 130)
+        except CompressError as e:
+            _fail(e)
+        except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: still one line, the traceback on -v
+            _fail(f"internal error: {type(e).__name__}: {e} (`compress --verbose ...` shows the traceback)", 1)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
@@ -147,7 +166,7 @@ def _run_method_verb(kind: str, family: str, method: str, kw: dict[str, Any], **
 # Verbs
 # ---------------------------------------------------------------------------------------------------------------
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
-@click.option("-v", "--verbose", count=True, help="more log output")
+@click.option("-v", "--verbose", count=True, help="more log output, and a failure's traceback after its one line")
 @click.option("-q", "--quiet", is_flag=True, help="warnings and results only")
 @click.version_option(package_name="compress")
 def main(verbose: int, quiet: bool) -> None:

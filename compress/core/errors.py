@@ -16,3 +16,11 @@ class DataError(CompressError):
 
 class ModelError(CompressError):
     """A model that cannot be found or loaded."""
+
+
+class FileFormatError(CompressError):
+    """A file that exists but cannot be parsed, or is incomplete (a truncated shard, JSON that is not JSON)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with what was kept (a KeyboardInterrupt, so that no `except Exception` swallows it)."""

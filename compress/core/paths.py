@@ -78,14 +78,19 @@ def read_jsonl(store: Path, *, strict: str | None = None, numbered: bool = False
     if not store.exists():
         return []
     out = []
-    for i, line in enumerate(store.read_text(encoding="utf-8").splitlines()):
+    try:
+        text = store.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{strict or str(store)!r} is not UTF-8 text (byte {e.start}); is it a JSON-lines file?") from None
+    for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
             out.append((i + 1, json.loads(line)) if numbered else json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
             if strict is not None:
-                raise DataError(f"{strict}: line {i + 1} is not JSON") from None
+                raise DataError(f"{strict}: line {i + 1} is not JSON ({e.msg} at column {e.colno}; a torn write or "
+                                f"a hand edit?)") from None
             log.warning("%s line %d is not a JSON record; skipped", store, i + 1)
     return out
 

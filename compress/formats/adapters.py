@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from compress.core.errors import ModelError
+from compress.core.readers import read_json_object
 from compress.formats.base import ADAPTER_KEY, Format, SavedModel, state_for_saving
 
 ADAPTER_DIR = "adapter"
@@ -47,7 +48,7 @@ def write_adapter(peft_model: nn.Module, folder: Path, final: Path) -> None:
     target = folder / ADAPTER_DIR
     peft_model.save_pretrained(str(target), safe_serialization=True)
     cfg_path = target / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json_object(cfg_path, "adapter config")
     cfg["base_model_name_or_path"] = str(final)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 

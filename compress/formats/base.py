@@ -16,15 +16,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from compress.core.errors import CompressError, ModelError
+from compress.core.readers import load_safetensors, read_json_object
 from compress.core.registry import Registry
 
 
@@ -135,16 +138,31 @@ class AtomicFolder:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None:  # an error or Ctrl-C (KeyboardInterrupt) while writing: the target is untouched
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
+        with _no_sigint():  # the swap is two renames; a Ctrl-C between them would leave no target at all
+            if self.target.exists():
+                old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+                os.replace(self.target, old)
+            os.replace(self.tmp, self.target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _no_sigint() -> Iterator[None]:
+    """Hold SIGINT back while the block runs (it is delivered, as KeyboardInterrupt, right after)."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -218,16 +236,20 @@ def write_model_folder(folder: Path, model: nn.Module, tokenizer: Any, state: di
 # Reading
 # ---------------------------------------------------------------------------------------------------------------
 def read_safetensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    if index.exists():
+        weight_map = read_json_object(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"safetensors index {str(index)!r} has no 'weight_map' mapping")
+        files = sorted(set(map(str, weight_map.values())))
+    else:
+        files = ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
     for fn in files:
         if not (folder / fn).is_file():
             raise ModelError(f"checkpoint {str(folder)!r} is missing {fn}")
-        state.update(load_file(str(folder / fn)))
+        state.update(load_safetensors(folder / fn))
     return state
 
 

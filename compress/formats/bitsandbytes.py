@@ -13,7 +13,6 @@ CPU too); this project's reader does the same and keeps 4-bit layers on the refe
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from compress.core.errors import CompressError
+from compress.core.readers import read_json_object
 from compress.formats.base import Format
 from compress.layers.nf4 import is_nf4_linear, use_reference_kernel
 from compress.layers.types import compressed_modules
@@ -104,7 +104,7 @@ def read(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Modul
 
     load_bitsandbytes()
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json", "model config")
     dtype = dtype or getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
     qc = dict(config.get("quantization_config") or {})
     four_bit = bool(qc.get("load_in_4bit"))

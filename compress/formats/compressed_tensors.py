@@ -18,7 +18,6 @@ so and writes the GPTQ format instead.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from compress.core.readers import read_json_object
 from compress.formats.base import AtomicFolder, Format, state_for_saving, write_model_folder
 from compress.formats.gptq import export_gptq, quantized_linears
 from compress.formats.w8a8 import export_int_quantized, w8a8_modules
@@ -86,7 +86,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, target: Path, ov
             else Path(f"{target}-gptq")
         log.warning("compressed-tensors not written: %s. Writing the GPTQ format instead: %s", reason, gptq_target)
         cfg = gptq_target / "config.json"
-        if cfg.is_file() and (json.loads(cfg.read_text()).get("quantization_config") or {}).get("quant_method") == "gptq" \
+        if cfg.is_file() and (read_json_object(cfg, "model config").get("quantization_config") or {}).get("quant_method") == "gptq" \
                 and not overwrite:
             return gptq_target  # written a moment ago by --export gptq in the same run
         return export_gptq(model, tokenizer, gptq_target, overwrite)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from compress.core.errors import CompressError, ModelError
+from compress.core.readers import read_json_object
 from compress.formats.base import (
     AtomicFolder,
     Format,
@@ -136,7 +137,7 @@ def export_gptq(model: nn.Module, tokenizer: Any, target: Path, overwrite: bool)
 def read_gptq(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, dict]:
     """Rebuild a GPTQ-format folder (v1 "gptq" or "gptq_v2") as the project's QuantLinear modules."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json", "model config")
     qc = config.get("quantization_config") or {}
     bits, group_size = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
     fmt = qc.get("checkpoint_format", "gptq")

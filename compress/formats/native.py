@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from compress.core.errors import ModelError
+from compress.core.readers import read_json_object
 from compress.formats.base import (
     FORMAT_KEY,
     NATIVE_QUANT_METHOD,
@@ -77,7 +78,7 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, dict]:
     """Rebuild a model written by this project (native format or a registered one). Returns (model, tokenizer, info)."""
     folder = Path(path)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json", "model config")
     formats = all_formats()
     reader = next((f for f in formats if f.detect(config)), None)
     if reader is not None:

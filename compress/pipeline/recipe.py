@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from compress.core.errors import ConfigError
+from compress.core.readers import read_yaml
 from compress.pipeline.engine import Engine
 from compress.pipeline.method import Method, build_method
 
@@ -82,12 +83,10 @@ class Recipe:
     def from_yaml(cls, path: str | Path) -> tuple["Recipe", dict[str, Any]]:
         """Read a recipe file: `stages:` plus optional run settings (model, calib, nsamples, ...). Returns the recipe
         and the file's mapping (the stages as written, and the settings)."""
-        import yaml
-
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"recipe file {str(path)!r} does not exist")
-        doc = yaml.safe_load(p.read_text()) or {}
+        doc = read_yaml(p, "recipe file") or {}
         if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list):
             raise ConfigError(f"recipe file {str(path)!r} needs a 'stages:' list")
         return cls.from_specs(doc["stages"]), doc

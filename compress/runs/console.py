@@ -7,9 +7,14 @@ import sys
 
 import click
 
+# set by the CLI's --verbose: a failure prints its traceback after the one line
+_STATE = {"verbose": 0}
+
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     from rich.logging import RichHandler
+
+    _STATE["verbose"] = verbose
 
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = RichHandler(show_time=False, show_path=False, markup=False, rich_tracebacks=False)
@@ -41,6 +46,15 @@ def _console():
     return Console(stderr=False, width=width)
 
 
-def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(2)
+def _fail(e: BaseException | str, code: int = 2) -> None:
+    """One line on stderr naming what is wrong, then exit `code` (2: bad input, 1: an internal error, 130: Ctrl-C);
+    with --verbose the traceback of the exception being handled follows the line."""
+    text = " ".join(str(e).split("\n")).strip() or type(e).__name__
+    click.echo(text if text.startswith(("error:", "interrupted")) else f"error: {text}", err=True)
+    if _STATE["verbose"]:
+        import traceback
+
+        exc = e if isinstance(e, BaseException) else sys.exc_info()[1]
+        if exc is not None:
+            click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(), err=True)
+    sys.exit(code)

@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from compress.core.config import _base_type
 from compress.core.errors import CompressError, ConfigError
+from compress.core.readers import read_yaml
 from compress.pipeline.method import get_method
 from compress.pipeline.recipe import Recipe
 from compress.runs.console import _setup_logging
@@ -147,15 +148,10 @@ def _check_keys(d: dict[str, Any], allowed: typing.Iterable[str], where: str) ->
 
 def load_grid(path: str | os.PathLike, results_dir: str | None = None) -> Grid:
     """Read, validate and expand a grid file. Every method option is checked before any cell runs."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"grid file {str(path)!r} does not exist")
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"grid file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    doc = read_yaml(p, "grid file") or {}
     if not isinstance(doc, dict):
         raise ConfigError(f"grid file {str(path)!r} must be a mapping with models, methods, ...")
     _check_keys(doc, GRID_KEYS, f"grid file {str(path)!r}")
@@ -210,7 +206,7 @@ def cell_states(grid: Grid) -> dict[str, tuple[str, dict[str, Any] | None]]:
     keys = {c.key for c in grid.cells}
     latest_ok: dict[str, dict] = {}
     latest_fail: dict[str, dict] = {}
-    for rec in read_records(grid.results_dir):
+    for rec in read_records(grid.results_dir, strict=True):
         tag = rec.get("tag")
         if tag not in keys:
             continue

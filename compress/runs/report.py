@@ -351,7 +351,7 @@ def report(*, metric: str, model: str | None, results_dir: str | None, axis: str
            out: str | None, console) -> tuple[Path, Path]:
     """`compress report`: the table on the console, the Markdown table and PNG plot written. Returns their paths."""
     store = store_path(results_dir)
-    records = read_records(results_dir)
+    records = read_records(results_dir, strict=True)
     if not records:
         raise CompressError(f"the results store {str(store)!r} holds no records; run something first")
     points, left, proto = build_report(records, metric, model=model, axis=axis, protocol=protocol)

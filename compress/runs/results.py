@@ -40,8 +40,11 @@ def append_record(record: dict[str, Any], path: str | os.PathLike | None = None)
     return store
 
 
-def read_records(path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    return read_jsonl(store_path(path))
+def read_records(path: str | os.PathLike | None = None, *, strict: bool = False) -> list[dict[str, Any]]:
+    """The store's records. A line that is not JSON is skipped with a warning, or, with `strict` (the CLI's verbs),
+    refused with one error naming the store and the line."""
+    store = store_path(path)
+    return read_jsonl(store, strict=f"results store {str(store)!r}" if strict else None)
 
 
 def new_run_id() -> str:

@@ -11,16 +11,18 @@ from typing import Any
 
 import torch
 
-from compress.core.errors import CompressError, ConfigError
+from compress.core.errors import CompressError, ConfigError, Interrupted
 from compress.evals.baselines import cached_baseline, remember_baseline
 from compress.evals.perplexity import perplexity, prepare, protocol_key
 from compress.evals.size import size_report
 from compress.formats import check_output_dir, save_checkpoint
 from compress.pipeline.recipe import Recipe, RunContext
-from compress.runs.results import append_record, environment, new_run_id, now_iso, peak_memory
+from compress.runs.results import append_record, environment, new_run_id, now_iso, peak_memory, read_records
 from compress.runs.spec import RunSpec
-from compress.sources.data import get_calibration, resolve_data_dir
-from compress.sources.models import load_model, resolve_device, resolve_dtype, resolve_source
+from compress.sources.data import (check_calibration_supply, eval_text, get_calibration, resolve_data_dir,
+                                   with_pydoc_fallback)
+from compress.sources.models import (ModelFacts, check_context, inspect_model, load_model, load_tokenizer,
+                                     resolve_device, resolve_dtype)
 
 log = logging.getLogger("compress")
 
@@ -68,11 +70,52 @@ def validate(spec: RunSpec):
     if recipe is not None and spec.save:
         output = spec.output or default_output(spec, recipe)
         check_output_dir(output, spec.overwrite)
+    read_records(spec.results_dir, strict=True)  # a torn store is named now, not after the run
     resolve_data_dir(spec.data_dir)
-    resolve_source(spec.model)
+    facts = inspect_model(spec.model)  # config and every weight file's header checked; no weight loaded
     if spec.teacher:
-        resolve_source(spec.teacher)
+        inspect_model(spec.teacher)
+    calibrates = recipe is not None and recipe.needs_calibration
+    check_context(facts, seqlen=spec.seqlen if calibrates else None, eval_seqlen=spec.eval_seqlen if spec.eval else None)
+    if recipe is not None:
+        _check_against_model(recipe, spec, facts)
+    fallback = spec.data_dir is None
+    for ds in spec.eval:  # the evaluation texts exist and are readable (read now, not after the compression)
+        with_pydoc_fallback(lambda n: eval_text(n, spec.data_dir), ds) if fallback else eval_text(ds, spec.data_dir)
+    if calibrates:
+        tok = load_tokenizer(facts)
+        if tok is not None:
+            check_calibration_supply(spec.calib, tok, nsamples=spec.nsamples, seqlen=spec.seqlen,
+                                     data_dir=spec.data_dir, fallback=fallback)
     return recipe, output
+
+
+def _check_against_model(recipe: Recipe, spec: RunSpec, facts: ModelFacts) -> None:
+    """Options the model's layers cannot honour: an --ignore that matches nothing (a warning), a group or an N:M
+    block wider than the narrowest layer it applies to."""
+    widths = facts.linear_widths()
+    if not widths:
+        return
+    for pat in spec.ignore:
+        if not any(re.search(pat, name) for name in widths):
+            log.warning("--ignore %r matches no linear layer of model %r (e.g. %s)", pat, spec.model,
+                        ", ".join(list(widths)[:2]))
+    kept = {n: w for n, w in widths.items() if not any(re.search(p, n) for p in spec.ignore)}
+    if not kept:
+        return
+    name, narrowest = min(kept.items(), key=lambda kv: kv[1])
+    for stage, given in zip(recipe.stages, spec.stages):
+        gs = getattr(stage.config, "group_size", None)
+        if isinstance(gs, int) and gs > narrowest and "group_size" not in given:  # the default, not the user's
+            log.warning("the default --group-size %d of %s is wider than layer %r (%d inputs): such layers get one "
+                        "group per row", gs, stage.name, name, narrowest)
+        elif isinstance(gs, int) and gs > narrowest:
+            raise ConfigError(f"--group-size {gs} of {stage.name} is larger than the width of layer {name!r} "
+                              f"({narrowest} inputs); allowed: -1 (per channel) or 1..{narrowest}")
+        nm = stage.config.nm() if callable(getattr(stage.config, "nm", None)) else None
+        if nm is not None and nm[1] > narrowest:
+            raise ConfigError(f"--pattern {nm[0]}:{nm[1]} of {stage.name} has blocks of {nm[1]} inputs, wider than "
+                              f"layer {name!r} ({narrowest} inputs)")
 
 
 def evaluate(model, tokenizer, spec: RunSpec, *, model_fp: str | None = None, label: str = "") -> dict[str, Any]:
@@ -81,8 +124,8 @@ def evaluate(model, tokenizer, spec: RunSpec, *, model_fp: str | None = None, la
     dtype = next(model.parameters()).dtype
     seqlen = spec.eval_seqlen
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and seqlen > max_pos:
-        log.info("eval seqlen %d exceeds the model's %d positions; using %d", seqlen, max_pos, max_pos)
+    if max_pos and seqlen > max_pos:  # validate has warned already
+        log.debug("eval seqlen %d exceeds the model's %d positions; using %d", seqlen, max_pos, max_pos)
         seqlen = max_pos
     fallback = spec.data_dir is None
     for ds in spec.eval:
@@ -117,6 +160,20 @@ def execute(spec: RunSpec, console=None, *, store: bool = True) -> dict[str, Any
     """Run one compression (or evaluation) and append its record (unless store=False: a grid driver appends it).
     Returns the record."""
     recipe, output = validate(spec)
+    kept: list[str] = []
+    try:
+        return _execute(spec, recipe, output, console, store, kept)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        stored = any(k.startswith("the results record") for k in kept)
+        what = (f"kept {', '.join(kept)} (complete)" if kept else "no checkpoint was written") + \
+            ("" if stored else "; no results record was appended")
+        raise Interrupted(f"interrupted (Ctrl-C): {what}") from None
+
+
+def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, store: bool,
+             kept: list[str]) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = resolve_device(spec.device)
     log.info("loading %s", spec.model)
@@ -141,7 +198,7 @@ def execute(spec: RunSpec, console=None, *, store: bool = True) -> dict[str, Any
         record["model"]["params"] = record["size"]["params"]
         record["checkpoint"] = loaded.source.path if loaded.source.kind in ("folder", "checkpoint") else None
         record["checkpoint_info"] = loaded.info
-        return _finish(record, spec, t_start, console, store)
+        return _finish(record, spec, t_start, console, store, kept)
 
     before = {}
     measures = bool(spec.eval or spec.tasks or spec.efficiency)
@@ -181,25 +238,30 @@ def execute(spec: RunSpec, console=None, *, store: bool = True) -> dict[str, Any
         save_checkpoint(model, tok, output, overwrite=spec.overwrite, provenance=provenance,
                         quant_info={"method": recipe.method_name, "setting": recipe.label()})
         log.info("checkpoint written to %s", output)
+        kept.append(f"checkpoint {output}")
         record["checkpoint"] = str(output)
         for fmt in spec.exports:
             from compress.formats.exporters import export
 
             path = export(fmt, model, tok, output, overwrite=spec.overwrite)
+            kept.append(f"{fmt} export {path}")
             record.setdefault("exports", {})[fmt] = str(path)
     else:
         record["checkpoint"] = None
     record["size_before"] = size_before
     record["size"] = size_report(model, output)
     record["model"]["params"] = size_before["params"]
-    return _finish(record, spec, t_start, console, store)
+    return _finish(record, spec, t_start, console, store, kept)
 
 
-def _finish(record: dict[str, Any], spec: RunSpec, t_start: float, console, store: bool = True) -> dict[str, Any]:
+def _finish(record: dict[str, Any], spec: RunSpec, t_start: float, console, store: bool = True,
+            kept: list[str] | None = None) -> dict[str, Any]:
     record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     record["peak_memory"] = peak_memory()
     record["env"] = environment()
     record["_store"] = str(append_record(record, spec.results_dir)) if store else None
+    if kept is not None and store:
+        kept.append(f"the results record in {record['_store']}")
     if console is not None:
         print_summary(record, console)
     return record

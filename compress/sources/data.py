@@ -29,8 +29,9 @@ from typing import Any, Callable
 
 import torch
 
-from compress.core.errors import ConfigError, DataError
-from compress.core.paths import cache_dir, read_jsonl
+from compress.core.errors import ConfigError, DataError, FileFormatError
+from compress.core.paths import cache_dir
+from compress.core.readers import load_safetensors, read_jsonl
 from compress.layers.weights import count_parameters
 
 log = logging.getLogger("compress")
@@ -111,8 +112,7 @@ def _hub_rows(dataset_id: str, config: str | None, split: str, column: str) -> l
 
 def _wikitext_rows(path: Path) -> list[str]:
     """Rows of the hub's wikitext split from the release file: each line with its newline, ' \\n' becoming ''."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = _read_text_file(path, f"data kit file {str(path)!r}").split("\n")
     if lines and lines[-1] == "":
         lines = lines[:-1]
     return ["" if ln == " " else ln + "\n" for ln in lines]
@@ -127,19 +127,34 @@ def _pydoc_topics() -> tuple[list[str], list[str]]:
     return calib, evals
 
 
+def _jsonl_texts(path: Path, what: str) -> list[str]:
+    """The "text" field of every line of a JSON-lines file; a line that is not JSON or has no text is one error."""
+    docs = []
+    for line, obj in read_jsonl(path, strict=what, numbered=True):
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{what}: line {line} has no string field 'text'")
+        docs.append(text)
+    return docs
+
+
+def _read_text_file(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} is not UTF-8 text (byte {e.start}); is it a text file?") from None
+    except OSError as e:
+        raise DataError(f"{what} cannot be read: {e.strerror}") from None
+
+
 def _read_user_file(spec: str) -> tuple[str, list[str]]:
     path = Path(spec[len("file:"):]).expanduser()
     if not path.is_file():
         raise DataError(f"{spec!r}: file {str(path)!r} does not exist")
     if path.suffix == ".jsonl":
-        docs = []
-        for line, obj in read_jsonl(path, strict=repr(spec), numbered=True):
-            text = obj.get("text") if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"{spec!r}: line {line} has no string field 'text'")
-            docs.append(text)
+        docs = _jsonl_texts(path, repr(spec))
         return "\n\n".join(docs), docs
-    text = path.read_text(encoding="utf-8")
+    text = _read_text_file(path, repr(spec))
     return text, [text]
 
 
@@ -163,13 +178,16 @@ def _joined(rows: list[str], sep: str) -> tuple[str, None]:
 
 
 def _ptb_sentences(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
+    return [ln.strip() for ln in _read_text_file(path, f"data kit file {str(path)!r}").split("\n") if ln.strip()]
 
 
 def _c4_parquet(path: Path) -> tuple[str, list[str]]:
     import pyarrow.parquet as pq
 
-    docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()[:1100]
+    try:
+        docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()[:1100]
+    except Exception as e:  # noqa: BLE001 - ArrowInvalid and friends: one line naming the file
+        raise FileFormatError(f"data kit file {str(path)!r} cannot be read as parquet: {e}".split("\n")[0]) from None
     return " ".join(docs), docs
 
 
@@ -210,7 +228,7 @@ CALIB_KIT.update({
                 lambda: _joined(_hub_rows("ptb_text_only", "penn_treebank", "train", "sentence"), " "),
                 "ptb_text_only", "train", "datasets:ptb_text_only"),
     "c4": _Kit("c4/c4_sample.jsonl",
-               lambda p: ("", [json.loads(ln)["text"] for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]),
+               lambda p: ("", _jsonl_texts(p, f"data kit file {str(p)!r}")),
                "c4 en train shard 0, first 1000 docs", "train",
                lambda: _c4_hub("train", "en/c4-train.00000-of-01024.json.gz", 5000, False),
                "c4 en train shard 0", "train", "datasets:allenai/c4"),
@@ -287,20 +305,24 @@ def _cache_file(kind: str, key: dict[str, Any]) -> Path:
 
 
 def _cached(kind: str, key: dict[str, Any], build: Callable[[], torch.Tensor], use_cache: bool = True) -> torch.Tensor:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     path = _cache_file(kind, key)
     if use_cache and path.is_file():
         try:
-            return load_file(str(path))["ids"]
-        except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
+            return load_safetensors(path, "token cache entry")["ids"]
+        except (FileFormatError, KeyError) as e:  # a corrupt cache entry is rebuilt
+            log.warning("%s; rebuilding it", e)
             path.unlink(missing_ok=True)
     ids = build()
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"ids": ids.contiguous()}, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
-        os.replace(tmp, path)
+        try:
+            save_file({"ids": ids.contiguous()}, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
+            os.replace(tmp, path)
+        finally:  # Ctrl-C or a full disk: no stray temporary file
+            tmp.unlink(missing_ok=True)
     return ids
 
 
@@ -380,6 +402,31 @@ def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, see
         s = rng.randint(0, len(enc) - seqlen - 1)
         out.append(torch.tensor(enc[s:s + seqlen], dtype=torch.int64))
     return torch.stack(out)
+
+
+def check_calibration_supply(source: str, tokenizer, *, nsamples: int, seqlen: int, data_dir: str | None = None,
+                             fallback: bool = False) -> dict[str, Any]:
+    """Before any work: can `source` give `nsamples` windows of `seqlen` tokens without repeating text? A stream
+    needs nsamples x seqlen tokens; a document source (C4) needs that many disjoint windows inside documents longer
+    than seqlen. Refused with one line saying how much the source has. Returns what it has (for the log)."""
+    _check_counts(nsamples, seqlen)
+    if source == "generated":
+        return {"source": source}
+    loader = lambda n: calib_text(n, data_dir)  # noqa: E731
+    src = with_pydoc_fallback(loader, source) if fallback else loader(source)
+    where = f"calibration source {src.name!r} ({src.origin})"
+    if src.documents is not None and not src.text:
+        lengths = [len(ids) for ids in tokenizer(src.documents)["input_ids"]]
+        windows = sum(n // seqlen for n in lengths if n > seqlen)
+        if windows < nsamples:
+            raise DataError(f"{where} has room for {windows} windows of --seqlen {seqlen} without repeats "
+                            f"({len(lengths)} documents, {sum(lengths)} tokens); --nsamples {nsamples} asks for more")
+        return {"source": src.name, "documents": len(lengths), "windows": windows}
+    total = tokenize_text(src, tokenizer).shape[-1]
+    if nsamples * seqlen > total:
+        raise DataError(f"{where} has {total} tokens; --nsamples {nsamples} x --seqlen {seqlen} = {nsamples * seqlen} "
+                        f"would repeat text; allowed: nsamples x seqlen <= {total}")
+    return {"source": src.name, "tokens": total}
 
 
 def get_calibration(source: str, tokenizer, *, nsamples: int = 128, seqlen: int = 512, seed: int = 0,

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from compress.core.errors import ModelError
+from compress.core.errors import ConfigError, ModelError
 from compress.core.paths import cache_dir
+from compress.core.readers import gguf_info, read_json_object, safetensors_header
 
 log = logging.getLogger("compress")
 
@@ -109,8 +110,7 @@ def resolve_source(spec: str | None) -> ModelSource:
         cfg_path = os.path.join(expanded, "config.json")
         if not os.path.isfile(cfg_path):
             raise ModelError(f"model folder {spec!r} has no config.json; it is not a transformers model folder")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        cfg = read_json_object(cfg_path, "model config")
         from compress.formats import is_project_checkpoint
 
         kind = "checkpoint" if is_project_checkpoint(cfg) else "folder"
@@ -170,6 +170,7 @@ def _convert_gguf(src: ModelSource) -> Path:
     target = _gguf_cache_folder(src)
     if (target / "config.json").is_file():
         return target
+    gguf_info(os.path.join(src.path, src.gguf_file or ""))  # a file that is not GGUF, or is cut short: one line
     log.info("converting %s to a float safetensors folder in %s (first use only)", src.gguf_file, target)
     try:
         tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
@@ -188,6 +189,9 @@ def _convert_gguf(src: ModelSource) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():
             raise
+    except BaseException:  # Ctrl-C while converting: no half-written cache folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 
@@ -207,12 +211,12 @@ def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "auto", de
     else:
         folder = str(_convert_gguf(src)) if src.kind in ("default", "gguf") else src.path
         if src.kind == "folder" and dtype in (None, "", "auto") and os.path.isfile(os.path.join(folder, "compress_run.json")):
-            saved = json.loads(open(os.path.join(folder, "config.json")).read()).get("dtype")  # written by this project
+            saved = read_json_object(os.path.join(folder, "config.json"), "model config").get("dtype")  # this project's
             torch_dtype = DTYPES.get(saved, torch_dtype)
         try:
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # transformers: missing files (OSError), unusable configs (ValueError)
             if src.kind == "hub":
                 raise ModelError(f"could not load model {spec!r} from the hub (offline, or no such repository): {e}".split("\n")[0]) from e
             raise ModelError(f"could not load model from {folder!r}: {e}".split("\n")[0]) from e
@@ -239,3 +243,154 @@ def fingerprint_model(src: ModelSource, model: torch.nn.Module) -> str:
     else:
         h.update(src.path.encode())
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a model is, read from its files without loading a weight (the run's validation step)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelFacts:
+    """A model's config and tensor table, from config.json and the safetensors headers (or the GGUF header)."""
+
+    source: ModelSource
+    config: dict[str, Any] | None = None  # None: a hub model, not inspectable offline
+    tensors: dict[str, list[int]] = field(default_factory=dict)  # name -> shape
+    folder: str | None = None  # the transformers folder its tokenizer and weights load from
+
+    @property
+    def max_positions(self) -> int | None:
+        c = self.config or {}
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(c.get(key), int) and c[key] > 0:
+                return c[key]
+        return None
+
+    def linear_widths(self) -> dict[str, int]:
+        """Input width of every 2-D weight of the decoder blocks (linear layers): name -> in_features."""
+        out = {}
+        for name, shape in self.tensors.items():
+            if name.endswith(".weight") and len(shape) == 2 and "embed" not in name and "lm_head" not in name:
+                out[name[: -len(".weight")]] = int(shape[1])
+        for name, mcfg in ((self.config or {}).get("quantization_config") or {}).get("modules", {}).items():
+            if isinstance(mcfg, dict) and isinstance(mcfg.get("in_features"), int):
+                out[name] = mcfg["in_features"]  # a compressed module of this project's checkpoint
+        return out
+
+
+def _check_config(config: dict[str, Any], where: str) -> None:
+    """The config must name an architecture transformers knows, and a quantization scheme someone can read."""
+    from transformers import CONFIG_MAPPING
+
+    mt = config.get("model_type")
+    if not isinstance(mt, str) or not mt:
+        raise ModelError(f"model config {where!r} has no 'model_type'; it is not a transformers model config")
+    if mt not in CONFIG_MAPPING:
+        raise ModelError(f"model config {where!r}: model_type {mt!r} is not an architecture this transformers "
+                         f"version knows")
+    qc = config.get("quantization_config")
+    if qc is None:
+        return
+    if not isinstance(qc, dict):
+        raise ModelError(f"model config {where!r}: quantization_config must be a mapping, not {type(qc).__name__}")
+    from compress.formats import FORMATS, is_project_checkpoint
+    from compress.formats.base import FORMAT_KEY, NATIVE_QUANT_METHOD
+    from compress.layers.types import MODULE_TYPES
+
+    fmt = config.get(FORMAT_KEY)
+    if fmt is not None and fmt not in FORMATS:
+        raise ModelError(f"model config {where!r}: {FORMAT_KEY} {fmt!r} is not a known format; known: "
+                         f"{', '.join(FORMATS)}")
+    if qc.get("quant_method") == NATIVE_QUANT_METHOD:
+        if qc.get("format", "native") not in ("native", *FORMATS):
+            raise ModelError(f"model config {where!r}: quantization_config format {qc.get('format')!r} is not "
+                             f"known; known: native, {', '.join(FORMATS)}")
+        for name, mcfg in (qc.get("modules") or {}).items():
+            mtype = mcfg.get("type") if isinstance(mcfg, dict) else None
+            if mtype not in MODULE_TYPES:
+                raise ModelError(f"model config {where!r}: module {name!r} has type {mtype!r}, unknown to this "
+                                 f"version (known: {', '.join(MODULE_TYPES)})")
+        return
+    if is_project_checkpoint(config):
+        return
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+
+    method = qc.get("quant_method")
+    if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        raise ModelError(f"model config {where!r}: quantization_config quant_method {method!r} is unknown; known: "
+                         f"{NATIVE_QUANT_METHOD}, {', '.join(sorted(AUTO_QUANTIZATION_CONFIG_MAPPING))}")
+
+
+def _folder_tensors(folder: str) -> dict[str, list[int]]:
+    """The tensor table of a folder's safetensors files, each header checked (a truncated shard is named)."""
+    root = Path(folder)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        from compress.core.readers import read_json_object
+
+        wm = read_json_object(index, "safetensors index").get("weight_map")
+        if not isinstance(wm, dict):
+            raise ModelError(f"safetensors index {str(index)!r} has no 'weight_map' mapping")
+        files = sorted(set(map(str, wm.values())))
+        for fn in files:
+            if not (root / fn).is_file():
+                raise ModelError(f"model folder {folder!r} is missing shard {fn} (listed in {index.name})")
+    else:
+        files = sorted(p.name for p in root.glob("*.safetensors"))
+    out: dict[str, list[int]] = {}
+    for fn in files:
+        for name, info in safetensors_header(root / fn).items():
+            out[name] = list(info.get("shape") or [])
+    return out
+
+
+def inspect_model(spec: str | None) -> ModelFacts:
+    """A model's config and tensor shapes from its files' headers, every file checked; no weight is loaded."""
+    src = resolve_source(spec)
+    if src.kind == "hub":
+        return ModelFacts(src)
+    if src.kind in ("default", "gguf"):
+        cached = _gguf_cache_folder(src)
+        gguf = os.path.join(src.path, src.gguf_file or "")
+        if not (cached / "config.json").is_file():  # about to be converted: check the whole GGUF file first
+            info = gguf_info(gguf)
+            meta, arch = info["metadata"], info["metadata"].get("general.architecture")
+            cfg = {"model_type": arch, "max_position_embeddings": meta.get(f"{arch}.context_length"),
+                   "hidden_size": meta.get(f"{arch}.embedding_length")}
+            return ModelFacts(src, cfg, {}, None)
+        gguf_info(gguf, tensors=False)
+        folder = str(cached)
+    else:
+        folder = src.path
+    from compress.core.readers import read_json_object
+
+    cfg = read_json_object(os.path.join(folder, "config.json"), "model config")
+    _check_config(cfg, os.path.join(folder, "config.json"))
+    return ModelFacts(src, cfg, _folder_tensors(folder), folder)
+
+
+def check_context(facts: ModelFacts, *, seqlen: int | None, eval_seqlen: int | None) -> None:
+    """A calibration length beyond the model's context is refused; an evaluation length beyond it is capped (the
+    evaluator does so) with a warning."""
+    mp = facts.max_positions
+    if mp is None:
+        return
+    if seqlen is not None and seqlen > mp:
+        raise ConfigError(f"--seqlen {seqlen} is longer than the context of model {facts.source.spec!r} "
+                          f"({mp} positions); allowed: 2..{mp}")
+    if eval_seqlen is not None and eval_seqlen > mp:
+        log.warning("--eval-seqlen %d is longer than the context of model %r (%d positions); windows of %d tokens "
+                    "are used", eval_seqlen, facts.source.spec, mp, mp)
+
+
+def load_tokenizer(facts: ModelFacts) -> Any:
+    """The tokenizer of an inspected local model (no weights), or None where it would need a download or a GGUF
+    conversion."""
+    if facts.folder is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(facts.folder)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"the tokenizer of model {facts.source.spec!r} cannot be loaded from {facts.folder!r}: "
+                         f"{e}".split("\n")[0]) from None

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from compress.core.config import MethodConfig, option
 from compress.core.errors import ConfigError, DataError
 from compress.core.paths import atomic_write_bytes
+from compress.core.readers import load_safetensors, read_json_object
 from compress.kernels.losses import Batch, kd_kl, lm_loss
 from compress.sources.data import get_calibration
 
@@ -190,14 +191,12 @@ class Trainer:
         atomic_write_bytes(self.state_dir / "trainer_state.json", json.dumps(meta, indent=1).encode())
 
     def load_state(self) -> int:
-        from safetensors.torch import load_file
-
         assert self.state_dir is not None
         meta_path = self.state_dir / "trainer_state.json"
         if not meta_path.is_file():
             return 0
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(self.state_dir / "state.safetensors"))
+        meta = read_json_object(meta_path, "trainer state")
+        tensors = load_safetensors(self.state_dir / "state.safetensors", "trainer state")
         missing = [n for n in self.names if f"param.{n}" not in tensors]
         if missing:
             raise ConfigError(f"--resume {str(self.state_dir)!r} holds a different set of trained parameters (missing {missing[:3]})")
