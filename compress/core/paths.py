@@ -89,7 +89,7 @@ def read_jsonl(store: Path, *, strict: str | None = None, numbered: bool = False
             out.append((i + 1, json.loads(line)) if numbered else json.loads(line))
         except json.JSONDecodeError as e:
             if strict is not None:
-                raise DataError(f"{strict}: line {i + 1} is not JSON ({e.msg} at column {e.colno}; a torn write or "
+                raise DataError(f"{strict}: line {i + 1} is not JSON ({e.msg}, column {e.colno}; a torn write or "
                                 f"a hand edit?)") from None
             log.warning("%s line %d is not a JSON record; skipped", store, i + 1)
     return out

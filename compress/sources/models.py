@@ -287,19 +287,21 @@ def _check_config(config: dict[str, Any], where: str) -> None:
     if mt not in CONFIG_MAPPING:
         raise ModelError(f"model config {where!r}: model_type {mt!r} is not an architecture this transformers "
                          f"version knows")
-    qc = config.get("quantization_config")
-    if qc is None:
-        return
-    if not isinstance(qc, dict):
-        raise ModelError(f"model config {where!r}: quantization_config must be a mapping, not {type(qc).__name__}")
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+
     from compress.formats import FORMATS, is_project_checkpoint
     from compress.formats.base import FORMAT_KEY, NATIVE_QUANT_METHOD
     from compress.layers.types import MODULE_TYPES
 
     fmt = config.get(FORMAT_KEY)
-    if fmt is not None and fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS and fmt not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         raise ModelError(f"model config {where!r}: {FORMAT_KEY} {fmt!r} is not a known format; known: "
                          f"{', '.join(FORMATS)}")
+    qc = config.get("quantization_config")
+    if qc is None:
+        return
+    if not isinstance(qc, dict):
+        raise ModelError(f"model config {where!r}: quantization_config must be a mapping, not {type(qc).__name__}")
     if qc.get("quant_method") == NATIVE_QUANT_METHOD:
         if qc.get("format", "native") not in ("native", *FORMATS):
             raise ModelError(f"model config {where!r}: quantization_config format {qc.get('format')!r} is not "
@@ -312,8 +314,6 @@ def _check_config(config: dict[str, Any], where: str) -> None:
         return
     if is_project_checkpoint(config):
         return
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
-
     method = qc.get("quant_method")
     if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         raise ModelError(f"model config {where!r}: quantization_config quant_method {method!r} is unknown; known: "
