@@ -148,6 +148,8 @@ CASES = [
     ("config-not-object", ["eval", "--model", "{file}", "--results-dir", "{store}"], config_a_list, "must hold a JSON object"),
     ("unknown-quant-method", ["eval", "--model", "{file}", "--results-dir", "{store}"],
      edit_config(lambda c: c.update(quantization_config={"quant_method": "zipquant"})), "quant_method 'zipquant' is unknown"),
+    ("quant-config-not-mapping", ["eval", "--model", "{file}", "--results-dir", "{store}"],
+     edit_config(lambda c: c.update(quantization_config=["gptq"])), "quantization_config must be a mapping, not list"),
     ("unknown-native-format", ["eval", "--model", "{file}", "--results-dir", "{store}"],
      edit_config(lambda c: c.update(quantization_config={"quant_method": "compress", "format": "zstd"})),
      "format 'zstd' is not known"),

@@ -35,6 +35,8 @@ from compress.model.surgery import set_module
 def is_project_checkpoint(config: dict[str, Any]) -> bool:
     """True if config.json describes a checkpoint that needs this project's loader (not plain transformers)."""
     qc = config.get("quantization_config") or {}
+    if not isinstance(qc, dict):  # malformed: the validation step names it
+        return False
     if qc.get("quant_method") == NATIVE_QUANT_METHOD or config.get(FORMAT_KEY):
         return True
     return any(f.detect(config) or f.prepares(config) for f in all_formats())
