@@ -19,13 +19,11 @@ import time
 
 import torch
 
-from compress.sources.data import get_calibration
-from compress.evals.perplexity import perplexity
+import compress
+from compress.pipeline.method import Method, Needs, build_method
+from compress.pipeline.recipe import Recipe
 from compress.train.finetune import sparsity, zero_masks
 from compress.train.layer_drop import block_influence, drop_blocks, importance_keep, uniform_keep
-from compress.sources.models import load_model
-from compress.pipeline.recipe import Recipe, RunContext
-from compress.pipeline.method import Method, Needs, all_methods, build_method
 
 
 class RowMagnitude(Method):
@@ -52,6 +50,15 @@ class RowMagnitude(Method):
         return model
 
 
+def stages(*items: dict | Method) -> list[dict] | Recipe:
+    """What compress.apply takes: the stage mappings as they are, or a Recipe when one of them is a Method instance
+    (the unregistered stand-in above, which a stage mapping cannot name)."""
+    if all(isinstance(s, dict) for s in items):
+        return list(items)
+    return Recipe([s if isinstance(s, Method)
+                   else build_method(s["method"], {k: v for k, v in s.items() if k != "method"}) for s in items])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=100)
@@ -68,17 +75,15 @@ def main() -> None:
     ap.add_argument("--only", choices=("all", "student", "recovery"), default="all")
     args = ap.parse_args()
 
-    loaded = load_model("smollm2", dtype="bfloat16")
+    loaded = compress.load("smollm2", dtype="bfloat16")
     tok = loaded.tokenizer
-    calib = get_calibration("wikitext2", tok, nsamples=32, seqlen=256, seed=0, data_dir=args.data_dir)
-
-    def ctx():
-        return RunContext(tokenizer=tok, calibration=calib, data_dir=args.data_dir, progress=True,
-                          model_dtype=torch.bfloat16)
+    calib = compress.calibration(tok, "wikitext2", nsamples=32, seqlen=256, seed=0, data_dir=args.data_dir)
+    # what every compress.apply below runs with (the run's dtype, bfloat16, is taken from the model)
+    run = dict(calibration=calib, tokenizer=tok, data_dir=args.data_dir, device="cpu", seed=0, progress=True)
 
     def ppl(model) -> float:
-        return perplexity(model, tok, "wikitext2", seqlen=args.eval_seqlen, max_windows=args.eval_windows,
-                          data_dir=args.data_dir, progress=False)["value"]
+        return compress.evaluate(model, tok, "wikitext2", seqlen=args.eval_seqlen, windows=args.eval_windows,
+                                 data_dir=args.data_dir, progress=False)["value"]
 
     train = dict(train_samples=args.train_samples, train_seqlen=args.train_seqlen, train_batch_size=args.train_batch_size,
                  lr=args.lr)
@@ -102,30 +107,29 @@ def main() -> None:
         add(f"student {args.student_layers} blocks by Block Influence, no training", ppl(student), "(for comparison)")
         del student
         for label, kd in (("LM loss only", 0.0), ("KD 0.5 + LM 0.5, T 2", 0.5)):
-            method = build_method("distill", {**drop, "steps": args.steps, "kd_weight": kd, "temperature": 2.0, **train})
-            c = ctx()
-            c.teacher = loaded.model
-            student = Recipe([method]).run(copy.deepcopy(loaded.model), c)
-            rep = method.report
+            report: dict = {}
+            student = compress.apply(copy.deepcopy(loaded.model), "distill", teacher=loaded.model, report=report, **run,
+                                     **drop, steps=args.steps, kd_weight=kd, temperature=2.0, **train)
+            rep = report["distill"]
             add(f"student {args.student_layers} blocks, {args.steps} steps {label}", ppl(student),
                 f"train loss {rep['loss_first']} -> {rep['loss_last']}, {rep['seconds']} s")
             del student
     if args.only in ("all", "recovery"):
-        registered = all_methods()
-        if "wanda" in registered:
-            prune, pname = build_method("wanda", {"sparsity": 0.5}), "Wanda 50%"
+        if "wanda" in compress.list_methods():
+            prune, pname = {"method": "wanda", "sparsity": 0.5}, "Wanda 50%"
         else:
             prune, pname = RowMagnitude(0.5), "magnitude 50% per row (no pruning method in this tree)"
-        pruned = Recipe([prune]).run(copy.deepcopy(loaded.model), ctx())
+        pruned = compress.apply(copy.deepcopy(loaded.model), stages(prune), **run)
         sp = sparsity(zero_masks(pruned), pruned)
         add(f"{pname}, no recovery", ppl(pruned), f"sparsity {sp:.4f}")
         del pruned
-        kd = build_method("distill", {"steps": args.recovery_steps, "kd_weight": 1.0, "temperature": 2.0,
-                                      **{**train, "lr": args.recovery_lr}})
-        c = ctx()  # no teacher given: the recipe keeps the unpruned start model as the teacher
-        recovered = Recipe([prune, kd]).run(copy.deepcopy(loaded.model), c)
+        kd = {"method": "distill", "steps": args.recovery_steps, "kd_weight": 1.0, "temperature": 2.0,
+              **{**train, "lr": args.recovery_lr}}
+        report = {}
+        # no teacher given: the recipe keeps the unpruned start model as the teacher
+        recovered = compress.apply(copy.deepcopy(loaded.model), stages(prune, kd), report=report, **run)
         sp2 = sparsity(zero_masks(recovered), recovered)
-        rep = kd.report
+        rep = report["distill"]
         add(f"{pname} + KD recovery {args.recovery_steps} steps", ppl(recovered),
             f"sparsity {sp2:.4f}, train loss {rep['loss_first']} -> {rep['loss_last']}, {rep['seconds']} s")
     print(f"\nWikiText-2 raw test perplexity, seqlen {args.eval_seqlen}, first {args.eval_windows} windows; "

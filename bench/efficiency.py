@@ -1,5 +1,6 @@
 """Speed and memory of the offline model dense (bfloat16) and RTN-quantized (QuantLinear, which dequantizes on the
-fly), measured side by side in one run with compress.evals.efficiency; prints the ratios.
+fly), measured side by side in one run with compress.evals.efficiency (speed, kernels) and compress.size; prints the
+ratios.
 
     python bench/efficiency.py [--prompt-len 256] [--decode-tokens 32] [--repeats 3] [--model smollm2]
 """
@@ -8,10 +9,8 @@ from __future__ import annotations
 import argparse
 import copy
 
+import compress
 from compress.evals.efficiency import kernel_report, measure_speed
-from compress.evals.size import model_size
-from compress.sources.models import load_model
-from compress.pipeline.recipe import Recipe, RunContext
 
 
 def main() -> None:
@@ -21,15 +20,15 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    base = load_model(args.model).model
+    base = compress.load(args.model).model
     variants = {"bf16 dense": base}
     for bits in (8, 4):
-        spec = [{"method": "rtn", "bits": bits, "group_size": 128}]
-        variants[f"rtn w{bits} g128"] = Recipe.from_specs(spec).run(copy.deepcopy(base), RunContext(progress=False))
+        variants[f"rtn w{bits} g128"] = compress.apply(copy.deepcopy(base), "rtn", device="cpu", progress=False,
+                                                       bits=bits, group_size=128)
     rows = {}
     for name, model in variants.items():
         speed = measure_speed(model, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, repeats=args.repeats)
-        rows[name] = (speed, model_size(model), kernel_report(model))
+        rows[name] = (speed, compress.size(model), kernel_report(model))
     ref = rows["bf16 dense"][0]
     print(f"prompt {args.prompt_len} tokens, {args.decode_tokens} decoded, batch 1, median of {args.repeats}, "
           f"{ref['device']}, {ref['threads']} threads")

@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from compress.train.fake_quant import GroupLayout, _FakeQuant, ste_fake_quantize, stored_scale_ste
+from compress.kernels.fake_quant import GroupLayout, _FakeQuant, ste_fake_quantize, stored_scale_ste
 from compress.kernels.quant_grid import QuantSpec, rtn_quantize
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down of one SmolLM2 block

@@ -1,11 +1,11 @@
 """This project's GPTQ against llm-compressor's GPTQ, side by side in one run, on the offline SmolLM2-135M.
 
 Both tools get the very same calibration samples (128 x 512 tokens of the data kit's WikiText-2 validation text,
-seed 0, drawn by compress.sources.data) and the same grid (bits, group size, symmetric or not); both quantized models are
-then measured by the same perplexity code (WikiText-2 test, seqlen 2048; --eval picks the raw or the tokenized v1
-text, --eval-windows caps the windows). Wall time is that of the compression call alone: compress's Recipe.run and
-llm-compressor's oneshot(), each with its library defaults (ours: act-order with static groups, dampening 0.01,
-block 128; llm-compressor 0.14: actorder "static", dampening_frac 0.01, block_size 128).
+seed 0, drawn by compress.calibration) and the same grid (bits, group size, symmetric or not); both quantized models
+are then measured by the same perplexity code (compress.evaluate: WikiText-2 test, seqlen 2048; --eval picks the raw
+or the tokenized v1 text, --eval-windows caps the windows). Wall time is that of the compression call alone:
+compress.apply and llm-compressor's oneshot(), each with its library defaults (ours: act-order with static groups,
+dampening 0.01, block 128; llm-compressor 0.14: actorder "static", dampening_frac 0.01, block_size 128).
 
 llm-compressor pins another transformers, so it runs in its own virtual environment, created on first use in
 $COMPRESS_CACHE_DIR/venvs/llmcompressor-0.14 (torch pinned to the CPU wheel 2.13.0 by a constraint) and reused
@@ -26,8 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -52,11 +50,8 @@ def peer_python(venv: Path) -> Path:
 
 
 def main() -> None:
-    from compress.sources.data import get_calibration
-    from compress.evals.perplexity import perplexity
+    import compress
     from compress.core.paths import cache_dir
-    from compress.sources.models import load_model
-    from compress.pipeline.recipe import Recipe, RunContext
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", default="64,-1", help="group sizes, comma-separated (-1: per channel)")
@@ -75,9 +70,9 @@ def main() -> None:
     os.environ.setdefault("COMPRESS_DATA_DIR", str(REPO.parent / "shared" / "data"))
 
     py = peer_python(Path(args.venv) if args.venv else cache_dir() / "venvs" / "llmcompressor-0.14")
-    lm = load_model("smollm2", dtype="bfloat16")
-    calib = get_calibration("wikitext2", lm.tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    ev = dict(seqlen=2048, max_windows=windows, progress=False)
+    lm = compress.load("smollm2", dtype="bfloat16")
+    calib = compress.calibration(lm.tokenizer, "wikitext2", nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    ev = dict(seqlen=2048, windows=windows, progress=False)
     rows = []
     with tempfile.TemporaryDirectory(prefix="gptq-bench-") as tmp:
         tmp = Path(tmp)
@@ -86,7 +81,7 @@ def main() -> None:
         from safetensors.torch import load_file, save_file
 
         save_file({"ids": calib.input_ids.contiguous()}, str(tmp / "calib.safetensors"))
-        fp = perplexity(lm.model, lm.tokenizer, args.eval, **ev)
+        fp = compress.evaluate(lm.model, lm.tokenizer, args.eval, **ev)
         proto = fp["protocol"]
         print(f"protocol: {proto['variant']} {proto['split']}, seqlen 2048, {proto['windows']}/{proto['windows_total']} "
               f"windows, {proto['dtype']}; calibration {calib.nsamples} x {calib.seqlen} tokens of "
@@ -99,9 +94,9 @@ def main() -> None:
                 model = copy.deepcopy(lm.model)
                 stage = {"method": "gptq", "bits": args.bits, "group_size": g, "sym": args.sym, **extra}
                 t0 = time.perf_counter()
-                model = Recipe.from_specs([stage]).run(model, RunContext(calibration=calib, progress=False))
+                model = compress.apply(model, [stage], calibration=calib, device="cpu", progress=False)
                 secs = time.perf_counter() - t0
-                ppl = perplexity(model, lm.tokenizer, args.eval, **ev)["value"]
+                ppl = compress.evaluate(model, lm.tokenizer, args.eval, **ev)["value"]
                 del model
                 name = "compress GPTQ" + (f" {json.dumps(extra)}" if extra else "")
                 print(f"{label}  {name}: ppl {ppl:.3f}  {secs:.0f} s", flush=True)
@@ -121,7 +116,7 @@ def main() -> None:
             weights = load_file(job["out"])
             for name, w in weights.items():
                 model.get_submodule(name[: -len(".weight")]).weight.data.copy_(w)
-            peer_ppl = perplexity(model, lm.tokenizer, args.eval, **ev)["value"]
+            peer_ppl = compress.evaluate(model, lm.tokenizer, args.eval, **ev)["value"]
             del model
             print(f"{label}  llm-compressor GPTQ: ppl {peer_ppl:.3f}  {peer['seconds']:.0f} s  ({peer['versions']})", flush=True)
             rows.append((label, ours_ppl, ours_s, peer_ppl, peer["seconds"]))

@@ -14,10 +14,7 @@ import time
 
 
 def main() -> None:
-    from compress.sources.data import get_calibration
-    from compress.evals.perplexity import perplexity
-    from compress.sources.models import load_model
-    from compress.pipeline.recipe import Recipe, RunContext
+    import compress
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ratio", type=float, default=0.2)
@@ -29,22 +26,21 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=1)
     args = ap.parse_args()
 
-    loaded = load_model("smollm2", dtype="bfloat16")
+    loaded = compress.load("smollm2", dtype="bfloat16")
     tok = loaded.tokenizer
-    calib = get_calibration("wikitext2", tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    ev = dict(seqlen=args.eval_seqlen, max_windows=args.eval_windows, progress=False)
+    calib = compress.calibration(tok, "wikitext2", nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    ev = dict(seqlen=args.eval_seqlen, windows=args.eval_windows, progress=False)
     print(f"SmolLM2-135M-Instruct bfloat16, llm-pruner --ratio {args.ratio} --round-to {args.round_to}; Taylor "
           f"calibration wikitext2 {args.nsamples} x {args.seqlen}; perplexity wikitext2 raw test "
           f"{args.eval_windows} x {args.eval_seqlen}", flush=True)
-    dense = perplexity(loaded.model, tok, "wikitext2", **ev)["value"]
+    dense = compress.evaluate(loaded.model, tok, "wikitext2", **ev)["value"]
     print(f"{'importance':<22}{'ppl':>12}{'s':>7}\n{'dense':<22}{dense:>12.2f}", flush=True)
 
     def run(importance: str, seed: int = 0) -> float:
         t0 = time.perf_counter()
-        recipe = Recipe.from_specs([{"method": "llm-pruner", "ratio": args.ratio, "round_to": args.round_to,
-                                     "importance": importance}])
-        model = recipe.run(copy.deepcopy(loaded.model), RunContext(calibration=calib, progress=False, seed=seed))
-        ppl = perplexity(model, tok, "wikitext2", **ev)["value"]
+        model = compress.apply(copy.deepcopy(loaded.model), "llm-pruner", calibration=calib, device="cpu", seed=seed,
+                               progress=False, ratio=args.ratio, round_to=args.round_to, importance=importance)
+        ppl = compress.evaluate(model, tok, "wikitext2", **ev)["value"]
         label = importance + (f" seed {seed}" if importance == "random" else "")
         print(f"{label:<22}{ppl:>12.2f}{time.perf_counter() - t0:>7.0f}", flush=True)
         return ppl

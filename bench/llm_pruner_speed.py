@@ -42,22 +42,20 @@ def main() -> None:
 
     import transformers
 
-    from compress.layers.weights import count_parameters
-    from compress.sources.models import load_model
-    from compress.pipeline.recipe import Recipe, RunContext
+    import compress
 
     transformers.logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dense = load_model(args.model, dtype=args.dtype).model
+    dense = compress.load(args.model, dtype=args.dtype).model
     if args.checkpoint:
-        pruned = load_model(args.checkpoint, dtype=args.dtype).model
+        pruned = compress.load(args.checkpoint, dtype=args.dtype).model
         how = args.checkpoint
     else:
         import copy
 
-        stage = {"method": "llm-pruner", "ratio": args.ratio, "importance": "magnitude", "uniform": args.uniform}
-        pruned = Recipe.from_specs([stage]).run(copy.deepcopy(dense), RunContext(progress=False))
+        pruned = compress.apply(copy.deepcopy(dense), "llm-pruner", device="cpu", progress=False, ratio=args.ratio,
+                                importance="magnitude", uniform=args.uniform)
         how = f"pruned in memory (ratio {args.ratio}, magnitude importance{', uniform' if args.uniform else ''})"
     for m in (dense, pruned):
         m.eval()
@@ -71,7 +69,7 @@ def main() -> None:
         times["dense"].append(prefill_seconds(dense, ids))
         times["pruned"].append(prefill_seconds(pruned, ids))
     med = {k: statistics.median(v) for k, v in times.items()}
-    pd, pp = count_parameters(dense), count_parameters(pruned)
+    pd, pp = compress.size(dense)["params"], compress.size(pruned)["params"]
     print(f"pruned model: {how}")
     print(f"prefill of {args.batch} x {args.seqlen} tokens, {args.dtype}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} alternating passes")

@@ -60,7 +60,7 @@ def run(name: str, args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     rows = {}  # the latest record of each configuration, recognised by its recipe
     for r in read_records(args.results_dir):

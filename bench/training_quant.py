@@ -38,7 +38,7 @@ def run(name: str, args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    from compress.run.results import read_records
+    from compress.runs.results import read_records
 
     rows = {}
     for r in read_records(args.results_dir):

@@ -49,10 +49,7 @@ def settings() -> dict[str, tuple[list[dict], list[str]]]:
 
 
 def main() -> None:
-    from compress.sources.data import get_calibration
-    from compress.evals.perplexity import perplexity
-    from compress.sources.models import load_model
-    from compress.pipeline.recipe import Recipe, RunContext
+    import compress
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default=None, help="comma-separated setting names (default: all)")
@@ -68,27 +65,28 @@ def main() -> None:
     unknown = [n for n in names if n not in all_settings]
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; known: {', '.join(all_settings)}")
-    loaded = load_model("smollm2", dtype=args.dtype)
+    loaded = compress.load("smollm2", dtype=args.dtype)
     tok = loaded.tokenizer
-    calib = get_calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    calib = compress.calibration(tok, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
     print(f"SmolLM2-135M-Instruct {args.dtype}, {torch.get_num_threads()} threads; calibration {args.calib} "
           f"{args.nsamples} x {args.seqlen} (seed 0); perplexity wikitext2 raw test, seqlen {args.eval_seqlen}, "
           f"{args.eval_windows} windows", flush=True)
-    ev = dict(seqlen=args.eval_seqlen, max_windows=args.eval_windows, progress=False)
-    fp = perplexity(loaded.model, tok, "wikitext2", **ev)["value"]
+    ev = dict(seqlen=args.eval_seqlen, windows=args.eval_windows, progress=False)
+    fp = compress.evaluate(loaded.model, tok, "wikitext2", **ev)["value"]
     print(f"{'setting':<26}{'ppl':>10}{'vs fp':>9}{'compress s':>12}{'eval s':>8}  notes", flush=True)
     for name in names:
         stages, ignore = all_settings[name]
         t0 = time.perf_counter()
         model, note = loaded.model, ""
         if stages:
-            recipe = Recipe.from_specs(stages)
-            model = recipe.run(copy.deepcopy(loaded.model), RunContext(calibration=calib, progress=False, ignore=ignore))
-            rep = recipe.report().get("llm-int8", {})
+            report: dict = {}
+            model = compress.apply(copy.deepcopy(loaded.model), stages, calibration=calib, device="cpu", ignore=ignore,
+                                   progress=False, report=report)
+            rep = report.get("llm-int8", {})
             if rep:
                 note = f"mean outlier-dim fraction {rep['mean_outlier_fraction']:.4f}"
         t1 = time.perf_counter()
-        ppl = fp if not stages else perplexity(model, tok, "wikitext2", **ev)["value"]
+        ppl = fp if not stages else compress.evaluate(model, tok, "wikitext2", **ev)["value"]
         print(f"{name:<26}{ppl:>10.4f}{100 * (ppl / fp - 1):>+8.2f}%{t1 - t0:>12.1f}{time.perf_counter() - t1:>8.1f}  "
               f"{note}{' ignore ' + '|'.join(ignore) if ignore else ''}", flush=True)
         del model
