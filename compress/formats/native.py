@@ -27,6 +27,7 @@ from compress.formats.base import (
     state_for_saving,
     write_model_folder,
 )
+from compress.layers.kernels import select_kernels
 from compress.layers.types import MODULE_TYPES, compressed_modules
 from compress.model.surgery import set_module
 
@@ -107,4 +108,5 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
 def _finish(model: nn.Module, folder: Path, config: dict[str, Any], formats) -> nn.Module:
     for f in formats:
         model = f.finish(model, folder, config)
+    select_kernels(model)  # the compressed layers' integer kernels (or their fallback), said on screen
     return model
