@@ -13,10 +13,14 @@ from compress.layers.quant_embedding import EMBEDDING_GRIDS, QuantEmbedding, Tie
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_tied_head_reads_the_embedding_codes(tiny_llama, bits):
+    from compress.layers.weights import count_parameters
+
+    params = count_parameters(tiny_llama)
     w = tiny_llama.get_input_embeddings().weight.detach().clone()
     ids = torch.randint(0, w.shape[0], (2, 9))
     report = quantize_embeddings(tiny_llama, bits)
     assert report["tied_head"] and report["bits"] == bits
+    assert count_parameters(tiny_llama) == params  # logical parameters unchanged, the tied table counted once
     emb, head = tiny_llama.get_input_embeddings(), tiny_llama.get_output_embeddings()
     assert isinstance(emb, QuantEmbedding) and isinstance(head, TiedQuantHead)
     w_hat = rtn_quantize(w, EMBEDDING_GRIDS[bits]).dequantize()

@@ -28,6 +28,7 @@ class QuantEmbedding(QuantLinear):
     """An embedding table held as integer codes (see the module docstring); forward(ids) -> rows in compute dtype."""
 
     is_compress_linear = False  # an embedding, not one of the model's linear layers
+    is_compress_embedding = True  # counted by its logical vocab x hidden parameters (compress.layers.weights)
     module_type = "quant_embedding"
 
     def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec, *, dtype: torch.dtype = torch.float32,

@@ -120,7 +120,7 @@ class QuantLinear(nn.Module):
     def select_kernel(self, enable: bool = True) -> str:
         """Choose (and prepare) the integer kernel this layer runs on its device, or the de-quantization fallback;
         returns `kernel` (its description). Re-run after the codes or the device change (done automatically)."""
-        for name in ("_k_packed", "_k_scales32", "_k_zeros32", "_k_scales", "_k_zeros"):
+        for name in ("_k_packed", "_k_scales", "_k_zeros"):
             if name in self._buffers:
                 del self._buffers[name]
         self._kernel, self._kernel_device = None, self.weight_packed.device
@@ -139,10 +139,8 @@ class QuantLinear(nn.Module):
         else:
             packed, scales32, zeros32 = int8_pack(qw.codes, qw.scales, qw.zeros)
         self.register_buffer("_k_packed", packed, persistent=False)
-        self.register_buffer("_k_scales32", scales32, persistent=False)
         self.register_buffer("_k_scales", scales32.to(self.compute_dtype), persistent=False)
         if zeros32 is not None:
-            self.register_buffer("_k_zeros32", zeros32, persistent=False)
             self.register_buffer("_k_zeros", zeros32.to(self.compute_dtype), persistent=False)
         self._kernel, self.kernel_reason = kind, ""
         return self.kernel
@@ -152,31 +150,29 @@ class QuantLinear(nn.Module):
         """How this layer computes (evals.efficiency reads it)."""
         if self._kernel == "int4":
             op = "_weight_int4pack_mm_for_cpu" if self._kernel_device.type == "cpu" else "_weight_int4pack_mm"
-            return f"quantized: int4 weight-only kernel {op} (kernel group {self._kernel_group})"
+            return f"quantized: int4 weight-only kernel {op} (kernel group {self._kernel_group}; {self._dtype_name()} inputs)"
         if self._kernel == "int8":
-            return "quantized: int8 weight-only kernel _weight_int8pack_mm (per channel)"
+            return f"quantized: int8 weight-only kernel _weight_int8pack_mm (per channel; {self._dtype_name()} inputs)"
         return f"{FALLBACK}: codes unpacked to the compute dtype every forward, then a float matmul ({self.kernel_reason})"
+
+    def _dtype_name(self) -> str:
+        return str(self.compute_dtype).replace("torch.", "")
 
     def _codes_changed(self) -> None:
         if self._kernel is not None:
             self.select_kernel()
 
-    def _kernel_tensors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._k_scales.dtype == dtype:
-            return self._k_scales, getattr(self, "_k_zeros", None)
-        zeros = self._k_zeros32.to(dtype) if "_k_zeros32" in self._buffers else None
-        return self._k_scales32.to(dtype), zeros
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None and x.device != self._kernel_device:
             self.select_kernel()  # moved to another device: its layout is device-specific
-        if (self._kernel is not None and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and not (x.requires_grad and torch.is_grad_enabled())):  # the kernels have no backward
-            scales, zeros = self._kernel_tensors(x.dtype)
+        # the kernel form is prepared for the compute dtype; another input dtype, or a forward that needs gradients
+        # (the kernels have no backward), takes the de-quantized path
+        if (self._kernel is not None and x.dtype == self._k_scales.dtype
+                and not (x.requires_grad and torch.is_grad_enabled())):
             if self._kernel == "int4":
-                y = int4_matmul(x, self._k_packed, self._kernel_group, scales)
+                y = int4_matmul(x, self._k_packed, self._kernel_group, self._k_scales)
             else:
-                y = int8_matmul_weight_only(x, self._k_packed, scales, zeros)
+                y = int8_matmul_weight_only(x, self._k_packed, self._k_scales, self._buffers.get("_k_zeros"))
             return y if self.bias is None else y + self.bias.to(x.dtype)
         w = self.dequantize_weight(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
