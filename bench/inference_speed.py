@@ -6,7 +6,7 @@ Python with llama-cpp-python is given (--llama-python). Median of --repeats runs
 of compress.evals.efficiency). Prints a Markdown table with the date, commit, machine load (uptime) and threads.
 
     python bench/inference_speed.py [--repeats 3] [--prompt-len 512] [--decode-tokens 128] [--gptq]
-        [--llama-python /path/to/python] [--only bf16,rtn-w4-g64] [--json out.json]
+        [--llama-python /path/to/python] [--only bf16,rtn-w4-g64] [--json out.json] [--threads N]
 """
 from __future__ import annotations
 
@@ -77,7 +77,11 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated variant names")
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python, for the reference line")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); on a shared machine "
+                                                              "1 thread avoids thread-pool stalls")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = [n for n in VARIANTS if args.only is None or n in args.only.split(",")]
     if not args.gptq and args.only is None:
         names = [n for n in names if not n.startswith("gptq")]
