@@ -124,71 +124,16 @@ def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, eo
     return tokens, t1 - t0, t2 - t1
 
 
-class CompiledDecoder:
-    """gpt-fast's recipe for the per-token overhead (Python, dispatch, cache growth): a static KV cache
-    (transformers' StaticCache, allocated once for `max_len` positions) and `torch.compile` of the one-token decode
-    step (inductor, static shapes). The first call compiles (`compile_seconds`); inductor caches the compiled code
-    on disk (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER), so a later process compiles faster."""
-
-    def __init__(self, model: nn.Module, max_len: int):
-        from transformers import StaticCache
-
-        self.model, self.max_len = model, max_len
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self._step = torch.compile(self._forward, dynamic=False)
-        self.compile_seconds: float | None = None
-
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, past_key_values=self.cache, cache_position=pos, use_cache=True).logits
-
-    @torch.no_grad()
-    def __call__(self, prompt: torch.Tensor, new_tokens: int, *, eos_token_id: int | None = None,
-                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], float, float]:
-        """As greedy_decode: (new token ids, prefill seconds, decode seconds); the prefill runs eagerly."""
-        n = prompt.shape[1]
-        if n + new_tokens > self.max_len:
-            raise ConfigError(f"prompt {n} + {new_tokens} new tokens exceed the static cache of {self.max_len}")
-        self.cache.reset()
-        device = prompt.device
-        _sync(device)
-        t0 = time.perf_counter()
-        logits = self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True,
-                            cache_position=torch.arange(n, device=device)).logits
-        nxt = logits[:, -1:].argmax(-1)
-        _sync(device)
-        t1 = time.perf_counter()
-        tokens = [int(nxt)]
-        if on_token:
-            on_token(tokens[-1])
-        pos = torch.tensor([n], device=device)
-        while len(tokens) < new_tokens and (eos_token_id is None or tokens[-1] != eos_token_id):
-            first = self.compile_seconds is None
-            ts = time.perf_counter()
-            logits = self._step(nxt, pos)
-            if first:
-                self.compile_seconds = time.perf_counter() - ts
-            nxt = logits[:, -1:].argmax(-1)
-            pos += 1
-            tokens.append(int(nxt))
-            if on_token:
-                on_token(tokens[-1])
-        _sync(device)
-        return tokens, t1 - t0, time.perf_counter() - t1
-
-
-def _one_run(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, decoder=None) -> tuple[float, float]:
+def _one_run(model: nn.Module, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
     """(prefill seconds, seconds per decoded token) of one greedy generation with the KV cache."""
-    run = decoder or (lambda p, n: greedy_decode(model, p, n))
-    tokens, prefill, decode = run(prompt, decode_tokens + 1)
+    tokens, prefill, decode = greedy_decode(model, prompt, decode_tokens + 1)
     return prefill, decode / max(len(tokens) - 1, 1)
 
 
 @torch.no_grad()
 def measure_speed(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int = 32, repeats: int = 3,
-                  seed: int = 0, compile: bool = False) -> dict[str, Any]:
-    """Prefill and decode tokens per second of `model` on the device it is on, and the peak memory meanwhile.
-    compile=True decodes through a CompiledDecoder (static KV cache, compiled step); its compile time is reported
-    and excluded (the warm-up compiles)."""
+                  seed: int = 0) -> dict[str, Any]:
+    """Prefill and decode tokens per second of `model` on the device it is on, and the peak memory meanwhile."""
     if prompt_len < 1 or decode_tokens < 1 or repeats < 1:
         raise ConfigError(f"efficiency: prompt_len {prompt_len}, decode_tokens {decode_tokens} and repeats {repeats} "
                           f"must all be >= 1")
@@ -206,9 +151,8 @@ def measure_speed(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int
     host_reset = reset_host_peak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    decoder = CompiledDecoder(model, prompt_len + decode_tokens + 1) if compile else None
-    _one_run(model, prompt, min(decode_tokens, 4), decoder)  # warm-up (allocator, kernels, compilation), untimed
-    runs = [_one_run(model, prompt, decode_tokens, decoder) for _ in range(repeats)]
+    _one_run(model, prompt, min(decode_tokens, 4))  # warm-up (allocator, kernels), untimed
+    runs = [_one_run(model, prompt, decode_tokens) for _ in range(repeats)]
     if was_training:
         model.train()
     prefill = statistics.median(r[0] for r in runs)
@@ -221,11 +165,8 @@ def measure_speed(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int
         "threads": torch.get_num_threads(),
         "protocol": {"batch": 1, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats,
                      "statistic": "median", "warmup": 1, "prompt": f"random token ids, seed {seed}",
-                     "decode": "greedy with KV cache; the prefill includes the first new token"
-                               + ("; static KV cache, torch.compile'd decode step" if compile else "")},
+                     "decode": "greedy with KV cache; the prefill includes the first new token"},
     }
-    if decoder is not None:
-        out["compile_seconds"] = round(decoder.compile_seconds or 0.0, 1)
     if device.type == "cuda":
         out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
         out["peak_memory_measure"] = "torch.cuda.max_memory_allocated during the measurement (weights included)"
