@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "distill": ("_distill_cmd", "Knowledge distillation into a smaller student."),
     "recipe": ("_recipe_cmd", "Run a recipe file: methods composed in order."),
     "eval": ("_eval_cmd", "Evaluate a model or checkpoint: perplexity, zero-shot tasks, size."),
+    "generate": ("_generate_cmd", "Try a model or checkpoint: stream a completion, print its speed and memory."),
     "report": ("_report_cmd", "Accuracy vs size from the results store: table, Pareto front, plot."),
     "grid": ("_grid_cmd", "Experiment grids, resumable: models x methods x calibration x evaluations."),
 }
@@ -266,6 +267,45 @@ def _eval_cmd() -> click.Command:
             _fail(e)
 
     return eval_cmd
+
+
+def _generate_cmd() -> click.Command:
+    @click.command(help=VERBS["generate"][1])
+    @click.option("--model", "-m", default="smollm2", show_default=True,
+                  help="checkpoint folder, model folder, .gguf file, hub id, or 'smollm2'")
+    @click.option("--prompt", "-p", required=True, help="the text to complete (with --chat: the user's message)")
+    @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=int, help="tokens to generate at most")
+    @click.option("--chat/--no-chat", default=False, show_default=True,
+                  help="wrap the prompt in the tokenizer's chat template (instruct models)")
+    @click.option("--dtype", default="auto", show_default=True, help="auto (a checkpoint's own), float32, bfloat16, float16")
+    @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda[:N]")
+    @click.option("--threads", default=None, type=int, help="CPU threads (default: torch's)")
+    def generate_cmd(model: str, prompt: str, max_new_tokens: int, chat: bool, dtype: str, device: str,
+                     threads: int | None) -> None:
+        import sys
+
+        from compress.runs.generate import generate
+
+        try:
+            def write(text: str) -> None:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+            r = generate(model, prompt, max_new_tokens=max_new_tokens, chat=chat, dtype=dtype, device=device,
+                         threads=threads, write=write)
+        except CompressError as e:
+            _fail(e)
+        sys.stdout.write("\n")
+        decode = f"{r['decode_tokens_per_second']:.1f} tok/s" if r["decode_tokens_per_second"] else "-"
+        click.echo(f"prefill {r['prefill_tokens_per_second']:.1f} tok/s ({r['prompt_tokens']} tokens, "
+                   f"{r['prefill_seconds']:.2f} s) · decode {decode} ({r['new_tokens']} tokens, "
+                   f"{r['decode_seconds']:.2f} s) · peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB "
+                   f"({r['peak_memory_measure']}) · {r['device']}, {r['threads']} threads, {r['dtype']}, batch 1, "
+                   f"greedy, one run without warm-up", err=True)
+        for kernel, n in r["kernels"].items():
+            click.echo(f"  {n} layer{'s' if n != 1 else ''}: {kernel}", err=True)
+
+    return generate_cmd
 
 
 def _report_cmd() -> click.Command:

@@ -3,7 +3,8 @@ whether its compressed layers run quantized kernels or dequantize their weights 
 
 Protocol (stored with the numbers): batch 1, a prompt of `prompt_len` random token ids (fixed seed), greedy decode of
 `decode_tokens` further tokens with the KV cache; one untimed warm-up, then the median of `repeats` timed runs.
-Prefill tokens/s = prompt_len / prefill time; decode tokens/s = decode_tokens / decode time (the prefill excluded).
+Prefill tokens/s = prompt_len / prefill time (the prompt's forward pass and its first new token); decode tokens/s =
+decode_tokens / the time of the `decode_tokens` steps after it.
 Peak memory: on CUDA the peak bytes allocated by torch during the measurement (weights included); on the CPU the
 process's peak resident set (VmHWM, reset before the measurement where the kernel allows), which also counts the
 Python and torch runtime, so it is an upper bound of what the model needs.
@@ -15,7 +16,7 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -61,10 +62,13 @@ def kernel_report(model: nn.Module) -> dict[str, Any]:
         summary = "compressed layers run quantized kernels"
     else:
         summary = "compressed layers dequantize their weights on the fly (float matmul; saves memory, not compute)"
-    return {"layers": dict(kinds), "quantized_kernels": verdict, "summary": summary}
+    per_layer = {name: (getattr(mod, "kernel", None) or KNOWN_KERNELS.get(type(mod).__name__) or type(mod).__name__)
+                 for name, mod in model.named_modules()
+                 if (is_linear_like(mod) and name) or isinstance(getattr(mod, "kernel", None), str)}
+    return {"layers": dict(kinds), "quantized_kernels": verdict, "summary": summary, "per_layer": per_layer}
 
 
-def _reset_host_peak() -> bool:
+def reset_host_peak() -> bool:
     """Reset this process's peak RSS (Linux: write 5 to /proc/self/clear_refs). False where not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -74,7 +78,7 @@ def _reset_host_peak() -> bool:
         return False
 
 
-def _host_peak_rss() -> int | None:
+def host_peak_rss() -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -92,23 +96,38 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _one_run(model: nn.Module, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of one greedy generation with the KV cache."""
+def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, eos_token_id: int | None = None,
+                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], float, float]:
+    """Greedy generation with the KV cache, batch 1: (new token ids, prefill seconds, decode seconds). The prefill
+    time covers the prompt's forward pass and its first token; the decode time the `new_tokens - 1` steps after it.
+    Stops after `eos_token_id` (when given); `on_token` sees each token as it is chosen (streaming)."""
     device = prompt.device
     _sync(device)
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
     _sync(device)
     t1 = time.perf_counter()
+    tokens = [int(nxt)]
+    if on_token:
+        on_token(tokens[-1])
     past = out.past_key_values
-    nxt = out.logits[:, -1:].argmax(-1)
-    for _ in range(decode_tokens):
+    while len(tokens) < new_tokens and (eos_token_id is None or tokens[-1] != eos_token_id):
         out = model(input_ids=nxt, past_key_values=past, use_cache=True)
         past = out.past_key_values
         nxt = out.logits[:, -1:].argmax(-1)
+        tokens.append(int(nxt))
+        if on_token:
+            on_token(tokens[-1])
     _sync(device)
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+    return tokens, t1 - t0, t2 - t1
+
+
+def _one_run(model: nn.Module, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, seconds per decoded token) of one greedy generation with the KV cache."""
+    tokens, prefill, decode = greedy_decode(model, prompt, decode_tokens + 1)
+    return prefill, decode / max(len(tokens) - 1, 1)
 
 
 @torch.no_grad()
@@ -129,7 +148,7 @@ def measure_speed(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(device)
     was_training = model.training
     model.eval()
-    host_reset = _reset_host_peak()
+    host_reset = reset_host_peak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _one_run(model, prompt, min(decode_tokens, 4))  # warm-up (allocator, kernels), untimed
@@ -140,19 +159,19 @@ def measure_speed(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int
     decode = statistics.median(r[1] for r in runs)
     out: dict[str, Any] = {
         "prefill_tokens_per_second": round(prompt_len / prefill, 2),
-        "decode_tokens_per_second": round(decode_tokens / decode, 2),
+        "decode_tokens_per_second": round(1.0 / decode, 2),
         "device": str(device),
         "dtype": str(param.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "protocol": {"batch": 1, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats,
                      "statistic": "median", "warmup": 1, "prompt": f"random token ids, seed {seed}",
-                     "decode": "greedy with KV cache"},
+                     "decode": "greedy with KV cache; the prefill includes the first new token"},
     }
     if device.type == "cuda":
         out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
         out["peak_memory_measure"] = "torch.cuda.max_memory_allocated during the measurement (weights included)"
     else:
-        out["peak_memory_bytes"] = _host_peak_rss()
+        out["peak_memory_bytes"] = host_peak_rss()
         out["peak_memory_measure"] = ("process peak RSS (VmHWM) during the measurement, Python and torch runtime included"
                                       if host_reset else "process peak RSS since start (VmHWM could not be reset)")
     if torch.cuda.is_available() and device.type == "cuda":

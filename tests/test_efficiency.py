@@ -1,8 +1,9 @@
-"""Efficiency: kernels said as they are (QuantLinear dequantizes on the fly), real speed numbers, and the CLI flag."""
+"""Efficiency: kernels said as they are (QuantLinear on an integer kernel or de-quantizing), real speed numbers, the CLI flag."""
 from click.testing import CliRunner
 
 from compress.cli import main
 from compress.evals.efficiency import efficiency_metrics, kernel_report, measure_speed
+from compress.layers.kernels import select_kernels
 from compress.pipeline.recipe import Recipe, RunContext
 from compress.runs.results import read_records
 
@@ -11,9 +12,13 @@ def test_kernel_report_dense_and_quantized(tiny_llama):
     dense = kernel_report(tiny_llama)
     assert dense["quantized_kernels"] is None and "dense" in dense["summary"]
     q = Recipe.from_specs([{"method": "rtn", "bits": 4, "group_size": 32}]).run(tiny_llama, RunContext(progress=False))
+    rep = kernel_report(q)  # the method's end chose the int4 kernel for every layer (all widths divide by 32)
+    assert rep["quantized_kernels"] is True and "quantized kernels" in rep["summary"]
+    assert rep["layers"][next(k for k in rep["layers"] if k.startswith("QuantLinear"))] == 2 * 7  # 7 linears per block
+    assert all("int4 weight-only kernel" in k for n, k in rep["per_layer"].items() if ".layers." in n)
+    select_kernels(q, enable=False)  # the de-quantization fallback is reported as such
     rep = kernel_report(q)
     assert rep["quantized_kernels"] is False and "dequantize" in rep["summary"]
-    assert rep["layers"][next(k for k in rep["layers"] if k.startswith("QuantLinear"))] == 2 * 7  # 7 linears per block
 
 
 def test_speed_numbers(tiny_llama):

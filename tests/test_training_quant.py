@@ -9,6 +9,7 @@ from compress.core.errors import ConfigError
 from compress.kernels.fake_quant import GroupLayout, _FakeQuant, ste_fake_quantize
 from compress.kernels.quant_grid import QuantizedWeight, QuantSpec, rtn_quantize
 from compress.layers.fake_quant_linear import FakeQuantLinear
+from compress.layers.kernels import select_kernels
 from compress.layers.quant_linear import QuantLinear
 from compress.pipeline.recipe import Recipe, RunContext
 from compress.train.fake_quant import export_quantized, fake_quantize_model
@@ -169,6 +170,9 @@ def test_rtn_init_starts_exactly_at_the_rtn_model(tiny_llama, dtype):
     for name, fq in mods.items():  # latent weights are the originals (bf16 ones hit exact rounding ties: same codes)
         assert torch.equal(fq.to_quantized().codes, rtn.get_submodule(name).quantized_weight().codes)
     ids = torch.randint(0, 256, (2, 20))
+    # bit-exact against the RTN model's de-quantized float matmul (its int4 kernel agrees to bf16 rounding only;
+    # tests/test_weight_only_kernels.py checks that)
+    select_kernels(rtn, enable=False, quiet=True)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, rtn(input_ids=ids).logits)
 

@@ -281,7 +281,7 @@ def load_remaining(model: nn.Module, state: dict[str, torch.Tensor], folder: Pat
     missing = [m for m in missing if m not in tied and m.rsplit(".", 1)[0] not in already_loaded]
     if missing or unexpected:
         raise ModelError(f"checkpoint {str(folder)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if tied:
+    if tied and not getattr(model.get_output_embeddings(), "ties_to_codes", False):  # else it reads the codes itself
         model.tie_weights()
     model.eval()
     return AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None

@@ -28,6 +28,8 @@ from compress.formats.base import (
     state_for_saving,
     write_model_folder,
 )
+from compress.layers.kernels import select_kernels
+from compress.layers.quant_embedding import bind_tied_heads
 from compress.layers.types import MODULE_TYPES, compressed_modules
 from compress.model.surgery import set_module
 
@@ -99,6 +101,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
             raise ModelError(f"checkpoint {str(folder)!r} uses module type {mtype!r}, unknown to this version "
                              f"(known: {', '.join(MODULE_TYPES)})")
         set_module(model, name, MODULE_TYPES.get(mtype).from_module_config(mcfg, dtype))
+    bind_tied_heads(model)  # a head tied to quantized embedding codes reads them from the embedding
     state = read_safetensors(folder)
     # load_state_dict copies into the freshly built tensors: float weights take the requested compute dtype while
     # integer codes and float16 scales keep their own dtypes.
@@ -110,4 +113,5 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
 def _finish(model: nn.Module, folder: Path, config: dict[str, Any], formats) -> nn.Module:
     for f in formats:
         model = f.finish(model, folder, config)
+    select_kernels(model)  # the compressed layers' integer kernels (or their fallback), said on screen
     return model

@@ -1,7 +1,11 @@
 """QuantLinear: a linear layer stored as packed integer codes + float16 scales (+ packed zero points, + group index).
 
-Weight-only quantization: the forward pass dequantizes the weight on the fly and runs a float matmul (no integer
-kernel). Memory and checkpoints hold the packed integers; `storage_bits()` counts every stored bit.
+Weight-only quantization. `select_kernel()` (called when a model is loaded or a method finishes; see
+compress.layers.kernels) picks how the forward pass computes: PyTorch's int4 kernel (codes of <= 4 bits in groups a
+kernel group divides) or int8 weight-only kernel (8-bit per channel), fed from a run-time repacking of the codes
+(non-persistent buffers: the checkpoint does not change); else, or before any selection, the weight is de-quantized
+on the fly and multiplied in float. `kernel` says which, and why. Memory and checkpoints hold the packed integers;
+`storage_bits()` counts every stored bit.
 Buffers (the project's native layout, written as-is into safetensors):
   weight_packed     int32 [out, ceil(in/32)*bits]        codes, bit-packed along the input dimension
   weight_scale      float16 [out, n_groups]
@@ -24,6 +28,16 @@ from compress.kernels.quant_grid import (
     packed_words,
     unpack_bits,
 )
+from compress.kernels.weight_only import (
+    int4_matmul,
+    int4_pack,
+    int4_unsupported,
+    int8_matmul_weight_only,
+    int8_pack,
+    int8_unsupported,
+)
+
+FALLBACK = "dequantize-on-the-fly"
 
 
 class QuantLinear(nn.Module):
@@ -48,6 +62,10 @@ class QuantLinear(nn.Module):
         else:
             self.weight_g_idx = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._kernel: str | None = None  # "int4" | "int8" | None (de-quantize)
+        self._kernel_device: torch.device | None = None
+        self.kernel_reason = "no kernel selected yet"
+        self.register_load_state_dict_post_hook(lambda mod, _keys: mod._codes_changed())
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -88,7 +106,74 @@ class QuantLinear(nn.Module):
         """The dequantized weight (read-only view for code that inspects `.weight`)."""
         return self.dequantize_weight()
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Kernels
+    # ------------------------------------------------------------------------------------------------------------
+    def kernel_unsupported(self, device: torch.device | None = None) -> dict[str, str | None]:
+        """Why each integer kernel cannot run this layer exactly on `device` ({"int4": reason or None, "int8": ...})."""
+        device = torch.device(device or self.weight_packed.device)
+        act = self.weight_g_idx is not None
+        return {"int4": int4_unsupported(device, self.spec.bits, self.code_features, self.out_features,
+                                         self.spec.group_size, act),
+                "int8": int8_unsupported(device, self.spec.bits, self.code_features, self.spec.group_size, act)}
+
+    def select_kernel(self, enable: bool = True) -> str:
+        """Choose (and prepare) the integer kernel this layer runs on its device, or the de-quantization fallback;
+        returns `kernel` (its description). Re-run after the codes or the device change (done automatically)."""
+        for name in ("_k_packed", "_k_scales", "_k_zeros"):
+            if name in self._buffers:
+                del self._buffers[name]
+        self._kernel, self._kernel_device = None, self.weight_packed.device
+        reasons = self.kernel_unsupported()
+        if not enable:
+            self.kernel_reason = "integer kernels disabled"
+            return self.kernel
+        kind = "int4" if reasons["int4"] is None else "int8" if reasons["int8"] is None else None
+        if kind is None:
+            self.kernel_reason = reasons["int4"] if self.spec.bits <= 4 else reasons["int8"]
+            return self.kernel
+        qw = self.quantized_weight()
+        if kind == "int4":
+            packed, sz, self._kernel_group = int4_pack(qw.codes, qw.scales, qw.zeros, self.spec.group_size)
+            scales32, zeros32 = sz, None
+        else:
+            packed, scales32, zeros32 = int8_pack(qw.codes, qw.scales, qw.zeros)
+        self.register_buffer("_k_packed", packed, persistent=False)
+        self.register_buffer("_k_scales", scales32.to(self.compute_dtype), persistent=False)
+        if zeros32 is not None:
+            self.register_buffer("_k_zeros", zeros32.to(self.compute_dtype), persistent=False)
+        self._kernel, self.kernel_reason = kind, ""
+        return self.kernel
+
+    @property
+    def kernel(self) -> str:
+        """How this layer computes (evals.efficiency reads it)."""
+        if self._kernel == "int4":
+            op = "_weight_int4pack_mm_for_cpu" if self._kernel_device.type == "cpu" else "_weight_int4pack_mm"
+            return f"quantized: int4 weight-only kernel {op} (kernel group {self._kernel_group}; {self._dtype_name()} inputs)"
+        if self._kernel == "int8":
+            return f"quantized: int8 weight-only kernel _weight_int8pack_mm (per channel; {self._dtype_name()} inputs)"
+        return f"{FALLBACK}: codes unpacked to the compute dtype every forward, then a float matmul ({self.kernel_reason})"
+
+    def _dtype_name(self) -> str:
+        return str(self.compute_dtype).replace("torch.", "")
+
+    def _codes_changed(self) -> None:
+        if self._kernel is not None:
+            self.select_kernel()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None and x.device != self._kernel_device:
+            self.select_kernel()  # moved to another device: its layout is device-specific
+        # the kernel form is prepared for the compute dtype; another input dtype, or a forward that needs gradients
+        # (the kernels have no backward), takes the de-quantized path
+        if (self._kernel is not None and x.dtype == self._k_scales.dtype
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            if self._kernel == "int4":
+                y = int4_matmul(x, self._k_packed, self._kernel_group, self._k_scales)
+            else:
+                y = int8_matmul_weight_only(x, self._k_packed, self._k_scales, self._buffers.get("_k_zeros"))
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         w = self.dequantize_weight(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
@@ -172,6 +257,10 @@ class OWQLinear(QuantLinear):
 
     def storage_bits(self) -> int:
         return super().storage_bits() + self.weak_weight.numel() * 16 + self.weak_idx.numel() * 32
+
+    def kernel_unsupported(self, device: torch.device | None = None) -> dict[str, str | None]:
+        why = f"OWQ: {self.n_weak} float16 weak columns interleaved with the codes"
+        return {"int4": why, "int8": why}
 
     def quant_config(self) -> dict:
         return {**super().quant_config(), "in_features": self.in_features, "n_weak": self.n_weak}

@@ -29,6 +29,8 @@ MODULE_TYPES: Registry[type[CompressedModule]] = Registry("module type", {
     "sparse_linear": "compress.layers.sparse_linear:SparseLinear",
     "sparse_quant_linear": "compress.layers.sparse_linear:SparseQuantLinear",
     "w8a8_linear": "compress.layers.w8a8_linear:W8A8Linear",
+    "quant_embedding": "compress.layers.quant_embedding:QuantEmbedding",
+    "tied_quant_head": "compress.layers.quant_embedding:TiedQuantHead",
 })
 
 

@@ -37,7 +37,8 @@ def count_parameters(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for mod in model.modules():
-        if (getattr(mod, "is_compress_linear", False) and hasattr(mod, "in_features")) or is_nf4_linear(mod):
+        compressed = getattr(mod, "is_compress_linear", False) or getattr(mod, "is_compress_embedding", False)
+        if (compressed and hasattr(mod, "in_features")) or is_nf4_linear(mod):
             bias = getattr(mod, "bias", None)
             total += mod.in_features * mod.out_features + (bias.numel() if bias is not None else 0)
             for p in mod.parameters(recurse=False):

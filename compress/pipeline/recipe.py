@@ -22,6 +22,7 @@ import torch
 
 from compress.core.errors import ConfigError
 from compress.core.readers import read_yaml
+from compress.layers.kernels import select_kernels
 from compress.pipeline.engine import Engine
 from compress.pipeline.method import Method, build_method
 
@@ -137,6 +138,7 @@ class Recipe:
                 model = stage.apply(model, ctx)
                 model = stage.finalize(model, ctx)
                 i += 1
+        select_kernels(model)  # the compressed layers' integer kernels (or their fallback), said on screen
         return model
 
     def report(self) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from compress.evals.baselines import cached_baseline, remember_baseline
 from compress.evals.perplexity import perplexity, prepare, protocol_key
 from compress.evals.size import size_report
 from compress.formats import check_output_dir, save_checkpoint
+from compress.layers.kernels import select_kernels
+from compress.layers.quant_embedding import quantize_embeddings
 from compress.pipeline.recipe import Recipe, RunContext
 from compress.runs.results import append_record, environment, new_run_id, now_iso, peak_memory, read_records
 from compress.runs.spec import RunSpec
@@ -33,7 +35,9 @@ def _slug(text: str) -> str:
 
 def default_output(spec: RunSpec, recipe) -> str:
     model = _slug(Path(spec.model).name if spec.model else "model") or "model"
-    return str(Path("checkpoints") / f"{model}-{_slug(recipe.method_name)}-{_slug(recipe.label().split('(', 1)[-1])}".rstrip("-"))
+    emb = f"-emb{spec.quantize_embeddings}" if spec.quantize_embeddings != "none" else ""
+    return str(Path("checkpoints") / (f"{model}-{_slug(recipe.method_name)}-{_slug(recipe.label().split('(', 1)[-1])}"
+                                      .rstrip("-") + emb))
 
 
 def validate(spec: RunSpec):
@@ -46,6 +50,8 @@ def validate(spec: RunSpec):
             raise ConfigError(f"--nsamples {spec.nsamples!r} is out of range; allowed: >= 1")
         if spec.seqlen < 2:
             raise ConfigError(f"--seqlen {spec.seqlen!r} is out of range; allowed: >= 2")
+    if spec.quantize_embeddings not in ("none", "8", "4"):
+        raise ConfigError(f"--quantize-embeddings {spec.quantize_embeddings!r} is not allowed; use none, 8 or 4")
     if spec.eval_windows is not None and spec.eval_windows < 1:
         raise ConfigError(f"--eval-windows {spec.eval_windows!r} is out of range; allowed: >= 1")
     if spec.eval_seqlen < 2:
@@ -221,6 +227,13 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
     torch.manual_seed(spec.seed)
     t0 = time.perf_counter()
     model = recipe.run(model, ctx)
+    embeddings = None
+    if spec.quantize_embeddings != "none":
+        embeddings = quantize_embeddings(model, int(spec.quantize_embeddings))
+        log.info("embeddings quantized: %s %s%s", embeddings["embedding"], embeddings["grid"],
+                 " (the tied head reads the same codes)" if embeddings["tied_head"] else "")
+        select_kernels(model)
+        record["setting"] = f"{record['setting']} + embeddings {embeddings['grid']}"
     compress_seconds = time.perf_counter() - t0
     log.info("%s finished in %.1f s", recipe.label(), compress_seconds)
     model.to(device)
@@ -230,13 +243,13 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
         "calibration": calib.record() if calib else None,
         "metrics": {"before": before, "after": after},
         "compress_seconds": round(compress_seconds, 2),
-        "details": recipe.report(),
+        "details": {**recipe.report(), **({"quantize_embeddings": embeddings} if embeddings else {})},
     })
     if output:
         provenance = {k: record[k] for k in ("run_id", "time", "model", "method", "setting", "recipe", "calibration")}
         provenance["metrics"] = {"after": after}
         save_checkpoint(model, tok, output, overwrite=spec.overwrite, provenance=provenance,
-                        quant_info={"method": recipe.method_name, "setting": recipe.label()})
+                        quant_info={"method": recipe.method_name, "setting": record["setting"]})
         log.info("checkpoint written to %s", output)
         kept.append(f"checkpoint {output}")
         record["checkpoint"] = str(output)

@@ -61,6 +61,9 @@ class RunSpec:
                                     aliases=("limit",))
     efficiency: bool = option(False, "also measure prefill/decode tokens per second, peak memory, kernel kind",
                               verbs=(EVAL,))
+    quantize_embeddings: str = option("none", "after the method, quantize the token embedding (and the LM head tied "
+                                      "to it, reading the same codes): 8 = int8 per row, 4 = 4-bit groups of 32",
+                                      choices=("none", "8", "4"))
     baseline: bool = option(True, "measure the uncompressed model too (cached per model and protocol)")
     output: str | None = option(None, "checkpoint folder (default: checkpoints/<model>-<method>-<setting>)", short="-o")
     save: bool = option(True, "write a checkpoint")
@@ -111,6 +114,8 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
         return [str(x).strip() for x in items if str(x).strip() and str(x).strip().lower() != "none"]
     if meta.get("multiple"):
         return [str(v) for v in value] if isinstance(value, (list, tuple)) else ([] if value is None else [str(value)])
+    if meta.get("choices") and value is not None and not isinstance(value, str):
+        value = str(value)  # e.g. `quantize_embeddings: 8` in a YAML file
     if f.name == "eval_windows":
         if value is None or str(value).lower() == "all":
             return None

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from compress.core.errors import ConfigError, ModelError
+from compress.core.errors import CompressError, ConfigError, ModelError
 from compress.core.paths import cache_dir
 from compress.core.readers import gguf_info, read_json_object, safetensors_header
 
@@ -207,7 +207,13 @@ def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "auto", de
 
         # 'auto' for a checkpoint of this project means the dtype it was written in, so that it evaluates exactly
         # as it did at the end of the run that wrote it
-        model, tok, info = load_checkpoint(src.path, dtype=None if dtype in (None, "", "auto") else torch_dtype)
+        try:
+            model, tok, info = load_checkpoint(src.path, dtype=None if dtype in (None, "", "auto") else torch_dtype)
+        except CompressError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: one line naming it
+            msg = str(e).split("\n")[0]
+            raise ModelError(f"checkpoint {src.path!r} could not be read ({type(e).__name__}: {msg})") from e
     else:
         folder = str(_convert_gguf(src)) if src.kind in ("default", "gguf") else src.path
         if src.kind == "folder" and dtype in (None, "", "auto") and os.path.isfile(os.path.join(folder, "compress_run.json")):
