@@ -231,9 +231,10 @@ def test_llama_cpp_loads_and_matches_logits(arch, tmp_path):
     llm = load_gguf(tmp_path / "m.gguf", n_ctx=64, threads=1)
     theirs = window_logits(llm, ids[0].tolist())
     assert theirs.shape == ours.shape
-    # F16 embeddings and llama.cpp's fp16/q8 activation paths: close, not bit-identical
-    assert np.abs(theirs - ours).max() < 0.05 * np.abs(ours).max(), np.abs(theirs - ours).max()
-    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+    # llama.cpp's CPU matmul rounds the activations to Q8_0 blocks for Q4_0 weights: close, not bit-identical
+    # (measured: 0.4% of the largest logit, every argmax equal)
+    assert np.abs(theirs - ours).max() < 0.01 * np.abs(ours).max(), np.abs(theirs - ours).max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
 
 
 @pytest.mark.real

@@ -361,7 +361,20 @@ def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
         special.add_to_gguf(writer)
     if not special.merges:
-        writer.add_token_merges([])  # llama.cpp requires the key; a merge-less byte-level BPE has none to list
+        writer.add_token_merges([_noop_merge(tokenizer)])
+
+
+def _noop_merge(tokenizer: Any) -> str:
+    """One merge for a BPE vocabulary that has none (llama.cpp refuses a gpt2 vocabulary without the merges key, and
+    GGUF cannot store an empty array): two tokens whose concatenation is not a token. llama.cpp falls back to the
+    parts' byte tokens when a merged piece is not in the vocabulary, so the merge changes no tokenization."""
+    vocab_ = tokenizer.get_vocab()
+    singles = sorted(t for t in vocab_ if len(t) == 1)
+    for a in singles:
+        for b in singles:
+            if a + b not in vocab_:
+                return f"{a} {b}"
+    raise CompressError("--export gguf: the tokenizer has no merges and no pair to stand in for them")
 
 
 # ---------------------------------------------------------------------------------------------------------------
