@@ -96,9 +96,9 @@ def main() -> None:
                "types": _types(path), "eval s": ppl["seconds"], "note": note}
         rows.append(row)
         print(f"{name:<18}{row['llama.cpp ppl']:>12.4f}{row['bytes'] / 2**20:>10.2f} MiB{row['decode tok/s']:>10.1f}"
-              f"{'' if ours_ppl is None else f'{ours_ppl:>12.4f}':>12}  {row['types']}  {note}", flush=True)
+              f"{'' if ours_ppl is None else f'{ours_ppl:>13.4f}':>13}  {row['types']}  {note}", flush=True)
 
-    print(f"{'row':<18}{'llama.cpp ppl':>12}{'size':>14}{'dec tok/s':>10}{'compress ppl':>12}  tensor types", flush=True)
+    print(f"{'row':<18}{'llama.cpp ppl':>12}{'size':>14}{'dec tok/s':>10}{'compress ppl':>13}  tensor types", flush=True)
     f16 = out / "f16.gguf"
     write_gguf(loaded.model, tok, f16, name="SmolLM2-135M-Instruct")
     fp = perplexity(loaded.model, tok, "wikitext2", progress=False, **ev)["value"]
