@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated rows (default: all)")
     ap.add_argument("--out", default=None, help="folder for the .gguf files (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (1 is faster on an "
+                    "oversubscribed machine: its threads spin at every barrier)")
     args = ap.parse_args()
     reason = llama_cpp_available()
     if reason:
@@ -73,7 +75,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    threads = os.cpu_count()
+    threads = args.threads
     print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}  commit {commit}  "
           f"llama-cpp-python {llama_cpp.__version__}  {threads} threads\nload: {uptime}")
     print(f"model SmolLM2-135M-Instruct (float32 in compress); calibration wikitext2 train {args.nsamples} x "
