@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
-    ap.add_argument("--only", default=None, help="comma-separated rows (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated rows, measured in the order given (default: all)")
     ap.add_argument("--out", default=None, help="folder for the .gguf files (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (1 is faster on an "
@@ -81,7 +81,6 @@ def main() -> None:
     print(f"model SmolLM2-135M-Instruct (float32 in compress); calibration wikitext2 train {args.nsamples} x "
           f"{args.seqlen} (seed 0); perplexity wikitext2 raw test, seqlen {args.eval_seqlen}, {args.eval_windows} "
           "windows, the model's tokenizer, measured by llama.cpp", flush=True)
-    only = set(args.only.split(",")) if args.only else None
     loaded = load_model("smollm2", dtype="float32")
     tok = loaded.tokenizer
     prompt = tok("The history of the city begins in", return_tensors="pt").input_ids[0].tolist()
@@ -102,29 +101,34 @@ def main() -> None:
 
     print(f"{'row':<18}{'llama.cpp ppl':>12}{'size':>14}{'dec tok/s':>10}{'compress ppl':>13}  tensor types", flush=True)
     f16 = out / "f16.gguf"
-    write_gguf(loaded.model, tok, f16, name="SmolLM2-135M-Instruct")
-    fp = perplexity(loaded.model, tok, "wikitext2", progress=False, **ev)["value"]
-    measure("F16", f16, fp, "our float export")
-    for ft in THEIRS:
-        if only and f"llama.cpp {ft}" not in only:
-            continue
-        t0 = time.perf_counter()
-        path = llamacpp_quantize(f16, out / f"llamacpp-{ft}.gguf", ft)
-        measure(f"llama.cpp {ft}", path, None, f"llama_model_quantize of F16 ({time.perf_counter() - t0:.1f} s)")
+    write_gguf(loaded.model, tok, f16, name="SmolLM2-135M-Instruct")  # llama.cpp's quantizer starts from this file
     calib = get_calibration("wikitext2", tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=data_dir)
-    for name, stages in OURS.items():
-        if only and name not in only:
-            continue
-        model = load_model("smollm2", dtype="float32").model
-        ctx = RunContext(tokenizer=tok, calibration=calib, progress=False, model_dtype=torch.float32)
-        t0 = time.perf_counter()
-        model = Recipe.from_specs(stages).run(model, ctx)
-        secs = time.perf_counter() - t0
-        ours = perplexity(model, tok, "wikitext2", progress=False, **ev)["value"]
-        path = out / (name.replace(" ", "-").lower() + ".gguf")
-        write_gguf(model, tok, path, name="SmolLM2-135M-Instruct " + name)
-        measure(name, path, ours, f"from the codes; {stages[0]['method']} {secs:.0f} s")
-        del model
+    names = ["F16", *[f"llama.cpp {ft}" for ft in THEIRS], *OURS]
+    order = [n.strip() for n in args.only.split(",")] if args.only else names
+    unknown = [n for n in order if n not in names]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(names)}")
+    for name in order:  # in the order asked for
+        if name == "F16":
+            fp = perplexity(loaded.model, tok, "wikitext2", progress=False, **ev)["value"]
+            measure("F16", f16, fp, "our float export")
+        elif name.startswith("llama.cpp "):
+            ft = name.split()[1]
+            t0 = time.perf_counter()
+            path = llamacpp_quantize(f16, out / f"llamacpp-{ft}.gguf", ft)
+            measure(name, path, None, f"llama_model_quantize of F16 ({time.perf_counter() - t0:.1f} s)")
+        else:
+            stages = OURS[name]
+            model = load_model("smollm2", dtype="float32").model
+            ctx = RunContext(tokenizer=tok, calibration=calib, progress=False, model_dtype=torch.float32)
+            t0 = time.perf_counter()
+            model = Recipe.from_specs(stages).run(model, ctx)
+            secs = time.perf_counter() - t0
+            ours = perplexity(model, tok, "wikitext2", progress=False, **ev)["value"]
+            path = out / (name.replace(" ", "-").lower() + ".gguf")
+            write_gguf(model, tok, path, name="SmolLM2-135M-Instruct " + name)
+            measure(name, path, ours, f"from the codes; {stages[0]['method']} {secs:.0f} s")
+            del model
     print(f"files in {out}")
     if args.json:
         Path(args.json).write_text(json.dumps({"commit": commit, "load": uptime, "args": vars(args), "rows": rows}, indent=2))
