@@ -39,9 +39,10 @@ def _types(path: Path) -> str:
     import gguf
 
     counts: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
+    tensors = gguf.GGUFReader(str(path)).tensors
+    for t in tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    emb = next(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+    emb = next(t.tensor_type.name for t in tensors if t.name == "token_embd.weight")
     return " ".join(f"{k}x{v}" for k, v in sorted(counts.items())) + f" (token_embd {emb})"
 
 
