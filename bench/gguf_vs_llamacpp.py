@@ -7,7 +7,7 @@ Rows: F16 (our float export of SmolLM2-135M-Instruct), llama.cpp's `llama_model_
 Q4_1 / Q8_0, and our exports written from the methods' codes: RTN and GPTQ 4-bit symmetric group 32 (Q4_0), GPTQ
 4-bit asymmetric group 32 (Q4_1), RTN 8-bit symmetric group 32 (Q8_0). For every file llama.cpp (llama-cpp-python)
 measures the perplexity on compress's windows (WikiText-2 raw test, the model's tokenizer, non-overlapping windows,
-no BOS), the file size, and the greedy decode speed (32 tokens after a 16-token prompt, batch 1); for our rows
+no BOS), the file size, and the greedy decode speed (32 tokens after a 7-token prompt, batch 1); for our rows
 compress's own float32 perplexity of the same model is printed beside it.
 
 About 4-bit on this model: its linears were GGUF Q4_1 (asymmetric 4-bit, groups of 32), so the Q4_1 rows (4-bit
