@@ -99,13 +99,14 @@ def size(model: nn.Module, checkpoint: str | Path | None = None) -> dict[str, An
 
 
 def save(model: nn.Module, tokenizer: Any, output: str | Path, *, exports: list[str] | tuple[str, ...] = (),
-         overwrite: bool = False) -> dict[str, Path]:
-    """Write the native checkpoint folder (atomically) and each export (`<output>-<format>`). Returns their paths."""
+         overwrite: bool = False, options: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write the native checkpoint folder (atomically) and each export (`<output>-<format>`). Returns their paths.
+    `options`: export options by run-option name, e.g. {"gguf_requant": "q4_0", "gguf_embed": "f16"}."""
     for fmt in exports:
         check_format(fmt)
     paths = {"native": save_checkpoint(model, tokenizer, output, overwrite=overwrite)}
     for fmt in exports:
-        paths[fmt] = export(fmt, model, tokenizer, output, overwrite=overwrite)
+        paths[fmt] = export(fmt, model, tokenizer, output, overwrite=overwrite, options=options)
     return paths
 
 

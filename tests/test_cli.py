@@ -66,7 +66,11 @@ BAD = [
     (["quantize", "--method", "rtn", "--data-dir", "/no/such/dir"], "--data-dir '/no/such/dir' does not exist"),
     (["quantize", "--method", "gptq", "--nsamples", "0"], "--nsamples 0 is out of range; allowed: >= 1"),
     (["quantize", "--method", "rtn", "--damp", "0.1"], "method 'rtn' has no option --damp"),
-    (["quantize", "--method", "rtn", "--export", "gguf"], "--export 'gguf' is not a known format; known: "),
+    (["quantize", "--method", "rtn", "--export", "nope"], "--export 'nope' is not a known format; known: "),
+    (["quantize", "--method", "rtn", "--bits", "3", "--group-size", "32", "--export", "gguf"],
+     "--export gguf: rtn's grid (3-bit asymmetric group 32) has no GGUF type; exportable grids: "),
+    (["quantize", "--method", "rtn", "--sym", "--group-size", "32", "--export", "gguf", "--gguf-requant", "q3_k"],
+     "--gguf-requant 'q3_k' is not a GGUF type this export writes; allowed: "),
 ]
 
 

@@ -37,12 +37,21 @@ class Format:
     name: str = ""
     summary: str = ""
     exports: bool = False  # can be asked for with --export NAME
+    options: tuple[str, ...] = ()  # run options (RunSpec field names) its export takes as keyword arguments
 
     def handles(self, model: nn.Module) -> bool:
         return self.exports
 
-    def export(self, model: nn.Module, tokenizer: Any, target: Path, overwrite: bool) -> Path:
+    def export(self, model: nn.Module, tokenizer: Any, target: Path, overwrite: bool, **options: Any) -> Path:
         raise NotImplementedError(f"{self.name} is not an export format")
+
+    def check_plan(self, stages: list[tuple[str, dict[str, Any]]], options: dict[str, Any]) -> None:
+        """Refuse (before any work) a recipe, given as (method name, config dict) per stage, whose result this export
+        cannot hold. Default: nothing to check until the model exists."""
+
+    def note(self, options: dict[str, Any]) -> str | None:
+        """A line for the run record about how this export was written (e.g. re-quantized), or None."""
+        return None
 
     def detect(self, config: dict[str, Any]) -> bool:
         return False
@@ -80,6 +89,7 @@ FORMATS: Registry[Format] = Registry("format", {
     "sparse-bitmask": "compress.formats.sparse:FORMAT",
     "structured": "compress.formats.structured:FORMAT",
     "peft-adapter": "compress.formats.adapters:FORMAT",
+    "gguf": "compress.formats.gguf:FORMAT",
 })
 
 

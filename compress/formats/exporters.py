@@ -8,7 +8,7 @@ from typing import Any
 import torch.nn as nn
 
 from compress.core.errors import ConfigError
-from compress.formats.base import all_formats
+from compress.formats.base import Format, all_formats
 
 
 def known_formats() -> list[str]:
@@ -21,10 +21,30 @@ def check_format(fmt: str) -> None:
         raise ConfigError(f"--export {fmt!r} is not a known format; known: {', '.join(known)}")
 
 
-def export(fmt: str, model: nn.Module, tokenizer: Any, output: str | Path, *, overwrite: bool = False) -> Path:
+def format_named(fmt: str) -> Format:
     check_format(fmt)
+    return next(f for f in all_formats() if f.name == fmt)
+
+
+def export_options(fmt: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The run options (by RunSpec field name) that format `fmt`'s export takes."""
+    wanted = format_named(fmt).options
+    return {k: v for k, v in (options or {}).items() if k in wanted}
+
+
+def check_plan(fmt: str, stages: list[tuple[str, dict[str, Any]]], options: dict[str, Any] | None = None) -> None:
+    """Before any work: refuse a recipe whose result `fmt` cannot hold (a format's own check, e.g. GGUF's grids)."""
+    format_named(fmt).check_plan(stages, export_options(fmt, options))
+
+
+def export(fmt: str, model: nn.Module, tokenizer: Any, output: str | Path, *, overwrite: bool = False,
+           options: dict[str, Any] | None = None) -> Path:
+    writer = format_named(fmt)
     target = Path(f"{output}-{fmt}")
-    writer = next(f for f in all_formats() if f.name == fmt)
     if not writer.handles(model):
         raise ConfigError(f"--export {fmt!r} has no layout for this model's compressed layers")
-    return writer.export(model, tokenizer, target, overwrite)
+    return writer.export(model, tokenizer, target, overwrite, **export_options(fmt, options))
+
+
+def export_note(fmt: str, options: dict[str, Any] | None = None) -> str | None:
+    return format_named(fmt).note(export_options(fmt, options))

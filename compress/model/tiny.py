@@ -23,11 +23,18 @@ def tiny_tokenizer():
 
 def tiny_config(arch: str = "llama", *, layers: int = 2, hidden: int = 64, intermediate: int = 128, heads: int = 4,
                 kv_heads: int | None = None, vocab: int = 257, max_pos: int = 512):
-    """Config of a tiny random model: arch 'llama' (LLaMA/SmolLM2 family) or 'opt'."""
+    """Config of a tiny random model: arch 'llama' (LLaMA/SmolLM2 family), 'qwen2' or 'opt'."""
     from transformers import LlamaConfig, OPTConfig
 
     if arch == "llama":
         return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=max_pos,
+                           tie_word_embeddings=True, use_cache=False, bos_token_id=None, eos_token_id=vocab - 1,
+                           pad_token_id=vocab - 1)
+    if arch == "qwen2":  # Qwen2 family: q/k/v biases, NEOX RoPE
+        from transformers import Qwen2Config
+
+        return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                            num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=max_pos,
                            tie_word_embeddings=True, use_cache=False, bos_token_id=None, eos_token_id=vocab - 1,
                            pad_token_id=vocab - 1)
@@ -36,7 +43,7 @@ def tiny_config(arch: str = "llama", *, layers: int = 2, hidden: int = 64, inter
                          num_attention_heads=heads, max_position_embeddings=max_pos, word_embed_proj_dim=hidden,
                          do_layer_norm_before=True, use_cache=False, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
                          pad_token_id=vocab - 1, enable_bias=True)
-    raise ValueError(f"tiny arch {arch!r}: use llama or opt")
+    raise ValueError(f"tiny arch {arch!r}: use llama, qwen2 or opt")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **kw) -> torch.nn.Module:

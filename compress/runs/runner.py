@@ -64,10 +64,12 @@ def validate(spec: RunSpec):
         except re.error as e:
             raise ConfigError(f"--ignore {pat!r} is not a regular expression: {e}") from None
     if spec.exports:
-        from compress.formats.exporters import check_format
+        from compress.formats.exporters import check_format, check_plan
 
         for fmt in spec.exports:
             check_format(fmt)
+            if recipe is not None:
+                check_plan(fmt, [(s.name, s.config.to_dict()) for s in recipe.stages], spec.to_dict())
         if recipe is not None and not spec.save:
             raise ConfigError(f"--export {', '.join(spec.exports)} needs a checkpoint; drop --no-save")
     resolve_device(spec.device)
@@ -254,11 +256,14 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
         kept.append(f"checkpoint {output}")
         record["checkpoint"] = str(output)
         for fmt in spec.exports:
-            from compress.formats.exporters import export
+            from compress.formats.exporters import export, export_note
 
-            path = export(fmt, model, tok, output, overwrite=spec.overwrite)
+            path = export(fmt, model, tok, output, overwrite=spec.overwrite, options=spec.to_dict())
             kept.append(f"{fmt} export {path}")
             record.setdefault("exports", {})[fmt] = str(path)
+            note = export_note(fmt, spec.to_dict())
+            if note:
+                record.setdefault("export_notes", {})[fmt] = note
     else:
         record["checkpoint"] = None
     record["size_before"] = size_before

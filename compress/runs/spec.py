@@ -70,6 +70,11 @@ class RunSpec:
     overwrite: bool = option(False, "replace an existing checkpoint folder")
     exports: list[str] = option(help="also write this checkpoint format (dense, gptq, compressed-tensors, ...); "
                                 "repeatable", flag="--export", multiple=True, factory=list)
+    gguf_requant: str | None = option(None, "with --export gguf: re-quantize the de-quantized linears to this GGUF type "
+                                      "(q4_0, q4_1, q5_0, q5_1, q8_0, f16) instead of writing the method's codes; "
+                                      "needed for grids with no GGUF type (3-bit, group 128, act-order, OWQ)")
+    gguf_embed: str = option("auto", "with --export gguf: token embedding type (auto: q8_0 for quantized models, "
+                             "f16 otherwise)", choices=("auto", "q8_0", "f16"))
     results_dir: str | None = option(None, "results store folder (default: $COMPRESS_RESULTS_DIR or ./results)",
                                      verbs=BOTH)
     batch_size: int = option(8, "calibration sequences per forward pass in the engine")
