@@ -13,6 +13,7 @@ SmoothQuant's W8A8 without smoothing (per-channel int8 weights, per-token dynami
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import json
 import subprocess
