@@ -24,14 +24,18 @@ def _exists(path: Path, what: str) -> None:
         raise FileFormatError(f"{what} {str(path)!r} does not exist or is not a file")
 
 
+def _read_text(p: Path, what: str) -> str:
+    _exists(p, what)
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FileFormatError(f"{what} {str(p)!r} cannot be read: {e}") from None
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """The parsed JSON of a file; a missing, unreadable or malformed file is one line naming it."""
     p = Path(path)
-    _exists(p, what)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise FileFormatError(f"{what} {str(p)!r} cannot be read: {e}") from None
+    text = _read_text(p, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -51,11 +55,7 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
     import yaml
 
     p = Path(path)
-    _exists(p, what)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise FileFormatError(f"{what} {str(p)!r} cannot be read: {e}") from None
+    text = _read_text(p, what)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -157,3 +157,14 @@ def gguf_info(path: str | os.PathLike, *, tensors: bool = True) -> dict[str, Any
     if end > size:
         raise FileFormatError(f"GGUF file {str(p)!r} is truncated: {size} bytes, its tensors need {end}")
     return {"version": version, "metadata": meta, "tensors": table}
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[str]:
+    """The safetensors files of a transformers folder: those its index lists, else model.safetensors."""
+    index = Path(folder) / "model.safetensors.index.json"
+    if not index.is_file():
+        return ["model.safetensors"]
+    weight_map = read_json_object(index, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise FileFormatError(f"safetensors index {str(index)!r} has no 'weight_map' mapping")
+    return sorted(set(map(str, weight_map.values())))

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from compress.core.errors import CompressError, ModelError
-from compress.core.readers import load_safetensors, read_json_object
+from compress.core.readers import load_safetensors, safetensors_files
 from compress.core.registry import Registry
 
 
@@ -247,14 +247,7 @@ def write_model_folder(folder: Path, model: nn.Module, tokenizer: Any, state: di
 # ---------------------------------------------------------------------------------------------------------------
 def read_safetensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json_object(index, "safetensors index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ModelError(f"safetensors index {str(index)!r} has no 'weight_map' mapping")
-        files = sorted(set(map(str, weight_map.values())))
-    else:
-        files = ["model.safetensors"]
+    files = safetensors_files(folder)
     state: dict[str, torch.Tensor] = {}
     for fn in files:
         if not (folder / fn).is_file():

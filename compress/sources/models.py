@@ -21,7 +21,7 @@ import torch
 
 from compress.core.errors import CompressError, ConfigError, ModelError
 from compress.core.paths import cache_dir
-from compress.core.readers import gguf_info, read_json_object, safetensors_header
+from compress.core.readers import gguf_info, read_json_object, safetensors_files, safetensors_header
 
 log = logging.getLogger("compress")
 
@@ -331,12 +331,7 @@ def _folder_tensors(folder: str) -> dict[str, list[int]]:
     root = Path(folder)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        from compress.core.readers import read_json_object
-
-        wm = read_json_object(index, "safetensors index").get("weight_map")
-        if not isinstance(wm, dict):
-            raise ModelError(f"safetensors index {str(index)!r} has no 'weight_map' mapping")
-        files = sorted(set(map(str, wm.values())))
+        files = safetensors_files(root)
         for fn in files:
             if not (root / fn).is_file():
                 raise ModelError(f"model folder {folder!r} is missing shard {fn} (listed in {index.name})")
