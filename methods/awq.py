@@ -167,7 +167,7 @@ class AWQ(Method):
     def describe(self) -> str:
         c = self.config
         a = f"alpha {c.alpha:g}" if c.alpha >= 0 else f"grid {c.n_grid}"
-        return (c.spec().label() + f" awq {a}" + (" duo" if c.duo_scaling else "") + ("" if c.clip else " no-clip")
+        return (c.spec().label() + f" {a}" + (" duo" if c.duo_scaling else "") + ("" if c.clip else " no-clip")
                 + (" scale-only" if c.scale_only else ""))
 
     @torch.no_grad()

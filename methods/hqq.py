@@ -45,7 +45,7 @@ class HQQ(Method):
 
     def describe(self) -> str:
         c = self.config
-        return c.spec().label() + f" hqq p{c.lp:g}" + ("" if c.optimize_scale else " zero-only")
+        return c.spec().label() + f" p{c.lp:g}" + ("" if c.optimize_scale else " zero-only")
 
     def compress_linear(self, name, linear, stats):
         weight = linear_weight(linear)
