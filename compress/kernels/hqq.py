@@ -51,14 +51,25 @@ def hqq_params(w: torch.Tensor, spec: QuantSpec, hp: HQQParams = HQQParams()) ->
     w = w.float()
     maxq = spec.maxq
     scale, zero = params_from_range(w.min(dim=1).values, w.max(dim=1).values, spec)
-    best = lp_objective(w, scale, zero, maxq, hp.lp)
-    best_s, best_z = scale.clone(), zero.clone()
-    trace = [float(best.sum())]
+    best = best_s = best_z = None
+    trace: list[float] = []
     beta = hp.beta
-    for _ in range(hp.iters):
+    for it in range(hp.iters + 1):
+        # the residual of the current grid gives both its objective and the next shrinkage step
         q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)
-        w_e = _shrink(w - scale[:, None] * (q - zero[:, None]), beta, hp.lp)
-        target = w - w_e
+        r = w - scale[:, None] * (q - zero[:, None])
+        obj = r.abs().pow(hp.lp).sum(dim=1)
+        if best is None:
+            best, best_s, best_z = obj, scale.clone(), zero.clone()
+        else:
+            better = obj < best
+            best = torch.where(better, obj, best)
+            best_s = torch.where(better, scale, best_s)
+            best_z = torch.where(better, zero, best_z)
+        trace.append(float(best.sum()))
+        if it == hp.iters:
+            break
+        target = w - _shrink(r, beta, hp.lp)  # W - W_e
         if not spec.sym:  # a symmetric grid's zero is fixed at 2^(b-1)
             zero = torch.clamp(torch.round((q - target / scale[:, None]).mean(dim=1)), 0, maxq)
         if hp.optimize_scale:
@@ -67,12 +78,6 @@ def hqq_params(w: torch.Tensor, spec: QuantSpec, hp: HQQParams = HQQParams()) ->
             s_new = (target * d).sum(dim=1) / den.clamp(min=1e-12)
             scale = torch.where((den > 0) & (s_new > 0), round_scale(s_new), scale)
         beta *= hp.kappa
-        obj = lp_objective(w, scale, zero, maxq, hp.lp)
-        better = obj < best
-        best = torch.where(better, obj, best)
-        best_s = torch.where(better, scale, best_s)
-        best_z = torch.where(better, zero, best_z)
-        trace.append(float(best.sum()))
     return best_s, best_z, trace
 
 
