@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from compress.core.config import option
 from compress.core.errors import ConfigError
-from compress.kernels.quant_grid import QuantSpec, WeightQuantConfig, fake_quantize, params_from_range, rtn_quantize
+from compress.kernels.quant_grid import (QuantSpec, WeightQuantConfig, fake_quantize, params_from_range,
+                                         rtn_fake_quantize, rtn_quantize)
 from compress.layers.quant_linear import QuantLinear
 from compress.layers.weights import linear_weight
 from compress.pipeline.method import Method, Needs, register
@@ -77,38 +78,36 @@ def weight_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
     return torch.cat(rows, dim=0).mean(dim=0)
 
 
-def fake_quant_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    return rtn_quantize(w, spec).dequantize()
-
-
 @torch.no_grad()
 def clip_search(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, grid: int, max_shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row and group of w [out, in]: the clip bound max_val (c * max|w_g|) minimising (Q(clamp(w_g)) - w_g) H_gg
-    (...)^T. Returns (clipped w, bound [out, n_groups])."""
+    (...)^T. Returns (clipped w, bound [out, n_groups]). The full groups are searched together, a shorter last one
+    after them."""
     w = w.float()
     out_f, in_f = w.shape
-    gs = in_f if spec.group_size == -1 else spec.group_size
-    n_groups = spec.groups(in_f)
-    bounds = torch.empty(out_f, n_groups, device=w.device)
-    clipped = w.clone()
-    for g in range(n_groups):
-        cols = slice(g * gs, min((g + 1) * gs, in_f))
-        wg, Hg = w[:, cols], H[cols, cols].float()
-        org_max = wg.abs().amax(dim=1)
+    gs = in_f if spec.group_size == -1 else min(spec.group_size, in_f)
+    n_full = in_f // gs
+    segments = [(0, n_full * gs, n_full)] + ([(n_full * gs, in_f, 1)] if n_full * gs < in_f else [])
+    clipped, bounds = w.clone(), []
+    for a, b, n in segments:
+        width = (b - a) // n
+        wg = w[:, a:b].reshape(out_f, n, width)
+        Hg = torch.stack([H[a + k * width:a + (k + 1) * width, a + k * width:a + (k + 1) * width] for k in range(n)]).float()
+        org_max = wg.abs().amax(dim=2)
         best_err = torch.full_like(org_max, float("inf"))
         best = org_max.clone()
         for i in range(max(1, int(max_shrink * grid))):
             mv = org_max * (1 - i / grid)
-            cur = torch.clamp(wg, -mv[:, None], mv[:, None])
-            s, z = params_from_range(cur.min(dim=1).values, cur.max(dim=1).values, spec)
-            d = fake_quantize(cur, s[:, None], z[:, None], spec.maxq) - wg
-            err = ((d @ Hg) * d).sum(dim=1)
+            cur = torch.clamp(wg, -mv[..., None], mv[..., None])
+            s, z = params_from_range(cur.amin(dim=2), cur.amax(dim=2), spec)
+            d = fake_quantize(cur, s[..., None], z[..., None], spec.maxq) - wg
+            err = torch.einsum("ogi,gij,ogj->og", d, Hg, d)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, mv, best)
-        bounds[:, g] = best
-        clipped[:, cols] = torch.clamp(wg, -best[:, None], best[:, None])
-    return clipped, bounds
+        bounds.append(best)
+        clipped[:, a:b] = torch.clamp(wg, -best[..., None], best[..., None]).reshape(out_f, -1)
+    return clipped, torch.cat(bounds, dim=1)
 
 
 def _common_parent(names: list[str]) -> str:
@@ -214,7 +213,7 @@ class AWQ(Method):
             for alpha in c.alphas():
                 s = awq_scales(x_mean, alpha, w_mean).to(originals[0].device)
                 for lin, w in zip(linears, originals):
-                    lin.weight.copy_((fake_quant_weight(w.float() * s, spec) / s).to(w.dtype))
+                    lin.weight.copy_((rtn_fake_quantize(w.float() * s, spec) / s).to(w.dtype))
                 loss = _replay_loss(inspect, cap)
                 losses[alpha] = loss
                 if loss < best[0]:

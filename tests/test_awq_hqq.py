@@ -230,3 +230,25 @@ def test_cli_quantize_records(args, label, tiny_model_dir, tmp_path):
         # own decompression in bfloat16, whose rounding of s * (q - z) differs slightly (the stored tensors are equal)
         tol = 1e-4 if folder.endswith("-gptq") else 1e-3
         assert read_records()[-1]["metrics"]["after"]["ppl_pydoc"]["value"] == pytest.approx(ppl, rel=tol), fmt
+
+
+@pytest.mark.parametrize("shape,spec", [((16, 96), QuantSpec(3, 32)), ((16, 100), QuantSpec(4, 32, True)),
+                                        ((8, 70), QuantSpec(2, -1)), ((8, 40), QuantSpec(3, 64))])
+def test_rtn_fake_quantize_matches_rtn(shape, spec):
+    from compress.kernels.quant_grid import rtn_fake_quantize
+
+    w = torch.randn(*shape) * 2
+    assert torch.equal(rtn_fake_quantize(w, spec), rtn_quantize(w, spec).dequantize())
+
+
+def test_awq_clip_search_short_last_group():
+    from compress.methods.awq import clip_search
+
+    torch.manual_seed(1)
+    w, x = torch.randn(8, 40), torch.randn(100, 40)
+    H = x.t() @ x / 100
+    clipped, bounds = clip_search(w, H, QuantSpec(3, 16), 20, 0.5)
+    assert bounds.shape == (8, 3) and torch.all(clipped.abs() <= w.abs() + 1e-7)
+    d0 = rtn_quantize(w[:, 32:], QuantSpec(3, 16)).dequantize() - w[:, 32:]
+    d1 = rtn_quantize(clipped[:, 32:], QuantSpec(3, 16)).dequantize() - w[:, 32:]
+    assert torch.all(((d1 @ H[32:, 32:]) * d1).sum(1) <= ((d0 @ H[32:, 32:]) * d0).sum(1) + 1e-5)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.kernels.obs import single_thread
 from compress.kernels.quant_grid import SCALE_DTYPE, QuantizedWeight, QuantSpec, params_from_range, round_scale
 
 
@@ -81,9 +82,11 @@ def hqq_params(w: torch.Tensor, spec: QuantSpec, hp: HQQParams = HQQParams()) ->
     return best_s, best_z, trace
 
 
+@single_thread()
 def hqq_quantize(w: torch.Tensor, spec: QuantSpec, hp: HQQParams = HQQParams()) -> QuantizedWeight:
     """W [out, in] on the integer grid of `spec` (groups along the input, shorter last group allowed), every group's
-    scale and zero from the HQQ solver (all full groups of the matrix solved together, as rows of one batch)."""
+    scale and zero from the HQQ solver (all full groups of the matrix solved together, as rows of one batch). On one
+    thread: elementwise work on small tensors, which a second thread slows down on a busy machine (as GPTQ's sweep)."""
     w = w.detach().float()
     out_f, in_f = w.shape
     gs = in_f if spec.group_size == -1 else min(spec.group_size, in_f)

@@ -198,6 +198,26 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec, col_weight: torch.Tensor | No
     return QuantizedWeight(codes, scales, zeros, spec.g_idx(in_f, device=w.device), spec)
 
 
+def rtn_fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """rtn_quantize(w, spec).dequantize() for the min/max observer, all full groups at once (a search loop's inner
+    step, e.g. AWQ's); float32 [out, in]."""
+    if spec.observer != "minmax":
+        return rtn_quantize(w, spec).dequantize()
+    w = w.detach().float()
+    out_f, in_f = w.shape
+    gs = in_f if spec.group_size == -1 else min(spec.group_size, in_f)
+    n_full = in_f // gs
+    out = torch.empty_like(w)
+    g = w[:, :n_full * gs].reshape(out_f, n_full, gs)
+    scale, zero = params_from_range(g.amin(dim=2), g.amax(dim=2), spec)
+    out[:, :n_full * gs] = fake_quantize(g, scale[..., None], zero[..., None], spec.maxq).reshape(out_f, -1)
+    if n_full * gs < in_f:
+        rest = w[:, n_full * gs:]
+        scale, zero = params_from_range(rest.amin(dim=1), rest.amax(dim=1), spec)
+        out[:, n_full * gs:] = fake_quantize(rest, scale[:, None], zero[:, None], spec.maxq)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bit packing: little-endian bit streams, 32 values per `bits` int32 words along the last dimension.
 # For bits in {2, 4, 8} this is the usual "value j at bits [b*j, b*(j+1)) of word j // (32/b)" layout; for 3 bits
