@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", default="8", help="WikiText-2 test windows of 2048 tokens, or all")
+    ap.add_argument("--awq-grid", type=int, default=20, help="AWQ's alpha grid (n_grid; the paper's 20)")
     ap.add_argument("--out", default=None, help="also write the table as JSON (atomically)")
     args = ap.parse_args()
     os.environ.setdefault("COMPRESS_DATA_DIR", str(REPO.parent / "shared" / "data"))
@@ -79,12 +80,13 @@ def main() -> None:
     p = fp["protocol"]
     protocol = (f"WikiText-2 {p['variant']} {p['split']}, seqlen 2048, {p['windows']}/{p['windows_total']} windows, "
                 f"{p['dtype']}; calibration {calib.nsamples} x {calib.seqlen} tokens of {calib.source.variant} "
-                f"{calib.source.split}, seed 0")
+                f"{calib.source.split}, seed 0; AWQ alpha grid {args.awq_grid}")
     print(f"protocol: {protocol}\nmachine at start: {start}\nfull precision: {fp['value']:.3f}", flush=True)
     rows = []
     for bits in [int(b) for b in args.bits.split(",")]:
         for n in names:
             stages = [{**s, "bits": bits, "group_size": args.group_size} for s in METHODS[n]]
+            stages = [{**s, "n_grid": args.awq_grid} if s["method"] == "awq" else s for s in stages]
             model = copy.deepcopy(lm.model)
             t0 = time.perf_counter()
             model = Recipe.from_specs(stages).run(model, RunContext(calibration=calib, progress=False))
