@@ -31,7 +31,8 @@ class HQQParams:
     beta: float = 10.0  # initial beta
     kappa: float = 1.01  # beta's growth per iteration
     iters: int = 20
-    optimize_scale: bool = True  # also solve for the scale (the zero alone is the reference's default)
+    optimize_scale: bool = True  # integer iterations: also solve for the scale given the codes and zero
+    float_zero: bool = True  # the reference's iterations (float zero, scale fixed), then the projection onto the grid
 
 
 def lp_objective(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, p: float) -> torch.Tensor:
@@ -46,12 +47,54 @@ def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _float_zero_then_project(w, scale, zero, spec, hp):
+    """The reference's solver (zero continuous, scale fixed at min/max), keeping each row's best iterate, then the
+    projection onto the integer grid: z in {floor z*, ceil z*}, each with the scale refit by least squares to the
+    solver's codes, s = <W, q - z> / ||q - z||^2; the candidate (or the min/max start) with the least l_p error wins.
+    The trace is the solver's (float zero)."""
+    maxq = spec.maxq
+    s0, z0 = scale, zero
+    best = best_z = None
+    trace: list[float] = []
+    beta = hp.beta
+    for it in range(hp.iters + 1):
+        q = torch.clamp(torch.round(w / scale[:, None] + zero[:, None]), 0, maxq)
+        r = w - scale[:, None] * (q - zero[:, None])
+        obj = r.abs().pow(hp.lp).sum(dim=1)
+        if best is None:
+            best, best_z = obj, zero.clone()
+        else:
+            better = obj < best
+            best, best_z = torch.where(better, obj, best), torch.where(better, zero, best_z)
+        trace.append(float(best.sum()))
+        if it == hp.iters:
+            break
+        target = w - _shrink(r, beta, hp.lp)
+        zero = (q - target / scale[:, None]).mean(dim=1)  # the zero's closed form (float)
+        beta *= hp.kappa
+    q = torch.clamp(torch.round(w / scale[:, None] + best_z[:, None]), 0, maxq)
+    out_s, out_z = s0.clone(), z0.clone()
+    out_obj = lp_objective(w, s0, z0, maxq, hp.lp)
+    for zc in (torch.floor(best_z), torch.ceil(best_z)):
+        zc = zc.clamp(0, maxq)
+        d = q - zc[:, None]
+        den = (d * d).sum(dim=1)
+        sc = (w * d).sum(dim=1) / den.clamp(min=1e-12)
+        sc = torch.where((den > 0) & (sc > 0), round_scale(sc), s0)
+        obj = lp_objective(w, sc, zc, maxq, hp.lp)
+        better = obj < out_obj
+        out_obj, out_s, out_z = torch.where(better, obj, out_obj), torch.where(better, sc, out_s), torch.where(better, zc, out_z)
+    return out_s, out_z, trace
+
+
 def hqq_params(w: torch.Tensor, spec: QuantSpec, hp: HQQParams = HQQParams()) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Scale and integer zero per row of w [rows, cols] (float32) by the HQQ solver; also the objective (sum over rows of
     the l_p error) of the kept grid after each iteration (index 0: min/max)."""
     w = w.float()
     maxq = spec.maxq
     scale, zero = params_from_range(w.min(dim=1).values, w.max(dim=1).values, spec)
+    if hp.float_zero and not spec.sym:
+        return _float_zero_then_project(w, scale, zero, spec, hp)
     best = best_s = best_z = None
     trace: list[float] = []
     beta = hp.beta

@@ -73,7 +73,8 @@ def find_params(w: torch.Tensor, spec: QuantSpec, col_weight: torch.Tensor | Non
     if spec.observer == "act-mse":
         if col_weight is None:
             raise ConfigError("the act-mse observer needs the calibration inputs' mean x^2 per column; none was given")
-        cw = col_weight.float().to(w.device).reshape(1, -1)
+        cw = col_weight.float().to(w.device)
+        cw = cw.reshape(1, -1) if cw.dim() == 1 else cw  # [cols], or [rows, cols] (each row its own weights)
     else:
         cw = None
     return shrink_search(w, wmin, wmax, spec, cw)
@@ -189,7 +190,17 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec, col_weight: torch.Tensor | No
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
     scales = torch.empty(out_f, n_groups, dtype=SCALE_DTYPE, device=w.device)
     zeros = torch.empty(out_f, n_groups, dtype=torch.uint8, device=w.device)
-    for g in range(n_groups):
+    first = 0
+    n_full = in_f // gs
+    if spec.observer != "minmax" and n_full > 1:  # the range searches: every full group at once, as rows of one batch
+        full = w[:, :n_full * gs].reshape(out_f * n_full, gs)
+        cw = None if col_weight is None else col_weight[:n_full * gs].float().reshape(1, n_full, gs).expand(out_f, -1, -1).reshape(-1, gs)
+        scale, zero = (t.view(out_f, n_full) for t in find_params(full, spec, cw))
+        codes[:, :n_full * gs] = quantize(w[:, :n_full * gs].view(out_f, n_full, gs), scale[..., None], zero[..., None],
+                                          spec.maxq).reshape(out_f, -1).to(torch.uint8)
+        scales[:, :n_full], zeros[:, :n_full] = scale.to(SCALE_DTYPE), zero.to(torch.uint8)
+        first = n_full
+    for g in range(first, n_groups):
         cols = slice(g * gs, min((g + 1) * gs, in_f))
         scale, zero = find_params(w[:, cols], spec, None if col_weight is None else col_weight[cols])
         codes[:, cols] = quantize(w[:, cols], scale[:, None], zero[:, None], spec.maxq).to(torch.uint8)
