@@ -32,7 +32,7 @@ class HQQParams:
     kappa: float = 1.01  # beta's growth per iteration
     iters: int = 20
     optimize_scale: bool = True  # integer iterations: also solve for the scale given the codes and zero
-    float_zero: bool = True  # the reference's iterations (float zero, scale fixed), then the projection onto the grid
+    float_zero: bool = False  # the reference's iterations (float zero, scale fixed), then the projection onto the grid
 
 
 def lp_objective(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, p: float) -> torch.Tensor:
