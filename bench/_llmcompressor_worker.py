@@ -1,6 +1,7 @@
-"""Runs llm-compressor's GPTQ in its own virtual environment (never imports `compress`); driven by
-bench/gptq_vs_llmcompressor.py. Arguments: JSON {model_dir, calib (safetensors with "ids" [N, L]), bits, group_size
-(-1: per channel), sym, out (safetensors written with the quantized Linear weights, as floats)}.
+"""Runs llm-compressor's GPTQ or AWQ in its own virtual environment (never imports `compress`); driven by
+bench/gptq_vs_llmcompressor.py and bench/awq_vs_llmcompressor.py. Arguments: JSON {model_dir, calib (safetensors with
+"ids" [N, L]), bits, group_size (-1: per channel), sym, out (safetensors written with the quantized Linear weights, as
+floats), method ("gptq", the default, or "awq": AWQModifier with its defaults, then QuantizationModifier on the grid)}.
 Prints one JSON line: {"seconds": wall time of oneshot(), "versions": {...}}."""
 import json
 import sys
@@ -28,16 +29,37 @@ def main() -> None:
     g = int(args["group_size"])
     weights = QuantizationArgs(num_bits=int(args["bits"]), type="int", symmetric=bool(args["sym"]),
                                strategy="channel" if g == -1 else "group", group_size=None if g == -1 else g)
-    recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                          ignore=["lm_head"])  # its defaults: block_size 128, dampening_frac 0.01, actorder static
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    if args.get("method", "gptq") == "awq":
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        # its defaults: the architecture's mappings (norm -> q/k/v, v -> o, norm -> gate/up, up -> down), duo_scaling,
+        # n_grid 20; then round-to-nearest on the grid
+        recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    else:
+        recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])  # its defaults: block_size 128,
+        # dampening_frac 0.01, actorder static
     t0 = time.perf_counter()
     oneshot(model=model, processor=tok, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
-    out = {name + ".weight": mod.weight.detach().to("cpu").contiguous()
-           for name, mod in model.named_modules()
-           if isinstance(mod, torch.nn.Linear) and name != "lm_head"}
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            w = mod.weight.detach()
+            if args.get("method", "gptq") == "awq":  # RTN's weights stay float until saved: fake-quantize them here
+                from compressed_tensors.quantization import forward_quantize
+
+                with torch.no_grad():
+                    w = forward_quantize(mod, w, "weight", mod.quantization_scheme.weights)
+            out[name + ".weight"] = w.to("cpu").contiguous()
     save_file(out, args["out"])
+    if args.get("method", "gptq") == "awq":  # AWQ also rewrote the norms (and v / up rows): every other float tensor
+        rest = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
+                if p.dim() == 1 or not name.endswith(".weight") or name.rsplit(".", 1)[0] not in
+                {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}}
+        save_file(rest, args["out"].replace(".safetensors", "-rest.safetensors"))
     print(json.dumps({"seconds": round(seconds, 2), "versions": {
         "llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
         "transformers": transformers.__version__, "torch": torch.__version__}}))

@@ -110,7 +110,7 @@ class OWQ(Method):
         k = self.weak_count(out_f, in_f)
         weak = None
         if k:
-            sens = sensitivity(W, stats.hessian, rtn_quantize(W, spec).dequantize())
+            sens = sensitivity(W, stats.hessian, rtn_quantize(W, spec, torch.diag(stats.hessian) / 2).dequantize())
             weak = torch.sort(torch.topk(sens, k).indices).values
         qw, info = gptq_quantize(W, stats.hessian, spec, block_size=c.block_size, percdamp=c.damp,
                                  act_order=c.act_order, static_groups=c.static_groups, name=name, keep_float=weak)

@@ -1,7 +1,9 @@
 """RTN: round-to-nearest weight quantization, the baseline every other quantizer is measured against.
 
-Per output channel or per group of input columns, symmetric or asymmetric min/max grid (compress.kernels.quant_grid);
-no calibration data, no weight update: w_hat = s * (clamp(round(w / s) + z, 0, 2^b - 1) - z).
+Per output channel or per group of input columns, symmetric or asymmetric grid (compress.kernels.quant_grid); no
+weight update: w_hat = s * (clamp(round(w / s) + z, 0, 2^b - 1) - z). The range of each group comes from the
+observer: min/max (no data), mse (GPTQ's shrink search), or act-mse (the shrink search with each column's error
+weighted by the calibration inputs' mean x^2, llama.cpp's imatrix idea: the one option here that reads data).
 """
 from __future__ import annotations
 
@@ -25,10 +27,16 @@ class RTN(Method):
     needs = Needs()
     layerwise = True
 
+    def __init__(self, config=None):
+        super().__init__(config)
+        if self.config.observer == "act-mse":  # per-column mean x^2 of every linear's inputs
+            self.needs = Needs(calibration=True, stats=("input_norms",))
+
     def describe(self) -> str:
         return self.config.spec().label()
 
     def compress_linear(self, name, linear, stats):
         weight = linear_weight(linear)
-        qw = rtn_quantize(weight, self.config.spec())
+        col_weight = stats.sq_norms / max(stats.ntokens, 1) if stats is not None else None
+        qw = rtn_quantize(weight, self.config.spec(), col_weight)
         return QuantLinear.from_quantized(qw, getattr(linear, "bias", None), dtype=weight.dtype)

@@ -131,10 +131,13 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | Non
     scales = torch.zeros(out_f, n_groups, device=W.device)
     zeros = torch.zeros(out_f, n_groups, device=W.device)
 
+    # act-mse observer: each column's error weighted by the inputs' mean x^2, i.e. H_jj / 2 (the imatrix weighting)
+    hdiag = torch.diag(H).clone() if spec is not None and spec.observer == "act-mse" else None
     if spec is not None and static_groups:
         # group grids fixed up front from the original weights, in natural column order
         for g in range(n_groups):
-            scales[:, g], zeros[:, g] = find_params(W[:, g * gs:min((g + 1) * gs, n_q)], spec)
+            cols = slice(g * gs, min((g + 1) * gs, n_q))
+            scales[:, g], zeros[:, g] = find_params(W[:, cols], spec, None if hdiag is None else hdiag[cols])
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H)[:n_q], descending=True)
@@ -142,6 +145,7 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | Non
             perm = torch.cat([perm, torch.arange(n_q, in_f, device=W.device)])
         W = W[:, perm]
         H = H[perm][:, perm]
+        hdiag = hdiag[perm] if hdiag is not None else None
         keep = keep[:, perm] if keep is not None else None
     inv = inverse_cholesky(H, percdamp, dead=dead, name=name)
     Hinv = inv.upper
@@ -177,7 +181,7 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | Non
                 cur = torch.cat([W1[:, i:], W[:, i2:n_q]], dim=1)[:, :gs]
                 if keep is not None:  # weights already known to be pruned count as the zeros they will be
                     cur = cur * keep[:, col:col + cur.shape[1]]
-                s_cur, z_cur = find_params(cur, spec)
+                s_cur, z_cur = find_params(cur, spec, None if hdiag is None else hdiag[col:col + cur.shape[1]])
                 g = col // gs
                 scales[:, g], zeros[:, g] = s_cur, z_cur
             if spec is None:  # pruning only: the column keeps or zeroes each weight

@@ -8,6 +8,12 @@ Conventions (those of the GPTQ reference code, arXiv 2210.17323):
 * q = clamp(round(w / scale) + zero, 0, 2^b - 1);  w_hat = scale * (q - zero).
 Scales are rounded to float16 *before* the codes are computed, so the float16 scales stored in every checkpoint
 format reproduce exactly the weights the algorithm chose.
+
+Observers (how a group's range is chosen): `minmax` (the above); `mse`, the range shrink search of GPTQ's reference
+`Quantizer(mse=True)`: for p = 1, 0.99, ..., 0.21 the grid spanning [p min, p max], the one with the least squared
+error sum_j (w_j - w_hat_j)^2 per row; `act-mse`, the same search with each column's error weighted by the
+calibration inputs' mean x_j^2 (llama.cpp's imatrix weighting): sum_j E[x_j^2] (w_j - w_hat_j)^2. p = 1 (min/max)
+is among the candidates, so neither search ever does worse than min/max on its own objective.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from compress.core.errors import ConfigError
 
 SCALE_DTYPE = torch.float16
 _MIN_SCALE = float(torch.finfo(torch.float16).tiny)
+OBSERVERS = ("minmax", "mse", "act-mse")
+_SHRINK_GRID, _MAX_SHRINK = 100, 0.8  # GPTQ reference Quantizer: grid=100, maxshrink=.8
 
 
 @dataclass(frozen=True)
@@ -27,8 +35,11 @@ class QuantSpec:
     bits: int = 4
     group_size: int = 128  # -1: per output channel
     sym: bool = False
+    observer: str = "minmax"  # how each group's range is chosen (OBSERVERS); not part of the stored grid
 
     def __post_init__(self):
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"observer {self.observer!r} is not known; allowed: {', '.join(OBSERVERS)}")
         if not (1 <= self.bits <= 8):
             raise ConfigError(f"bits {self.bits!r} is out of range; allowed: 1..8")
         if self.group_size == 0 or self.group_size < -1:
@@ -48,13 +59,49 @@ class QuantSpec:
 
     def label(self) -> str:
         g = "ch" if self.group_size == -1 else f"g{self.group_size}"
-        return f"w{self.bits} {g}{' sym' if self.sym else ''}"
+        obs = "" if self.observer == "minmax" else f" {self.observer}"
+        return f"w{self.bits} {g}{' sym' if self.sym else ''}{obs}"
 
 
-def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of `w` [rows, cols] (float32), min/max over the columns given."""
+def find_params(w: torch.Tensor, spec: QuantSpec, col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of `w` [rows, cols] (float32) by the spec's observer: min/max over the columns
+    given, or the shrink search (mse; act-mse with `col_weight` [cols], the inputs' mean x^2 of those columns)."""
     w = w.float()
-    return params_from_range(w.min(dim=1).values, w.max(dim=1).values, spec)
+    wmin, wmax = w.min(dim=1).values, w.max(dim=1).values
+    if spec.observer == "minmax":
+        return params_from_range(wmin, wmax, spec)
+    if spec.observer == "act-mse":
+        if col_weight is None:
+            raise ConfigError("the act-mse observer needs the calibration inputs' mean x^2 per column; none was given")
+        cw = col_weight.float().to(w.device)
+        cw = cw.reshape(1, -1) if cw.dim() == 1 else cw  # [cols], or [rows, cols] (each row its own weights)
+    else:
+        cw = None
+    return shrink_search(w, wmin, wmax, spec, cw)
+
+
+def shrink_search(w: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec,
+                  col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's reference range search (Quantizer.find_params with mse=True, squared error): per row, the grid spanning
+    [p wmin, p wmax] for p in 1, 0.99, ..., 1 - 0.8 + 0.01 with the least (optionally column-weighted) squared error."""
+    best_s, best_z = params_from_range(wmin, wmax, spec)  # p = 1: min/max
+    best = weighted_sq_error(w, best_s, best_z, spec.maxq, col_weight)
+    for i in range(1, int(_MAX_SHRINK * _SHRINK_GRID)):
+        p = 1 - i / _SHRINK_GRID
+        s, z = params_from_range(p * wmin, p * wmax, spec)
+        err = weighted_sq_error(w, s, z, spec.maxq, col_weight)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def weighted_sq_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                      col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of w [rows, cols]: sum_j c_j (w_j - w_hat_j)^2 on the grid (scale, zero) [rows] (c = 1 when None)."""
+    d = (fake_quantize(w, scale[:, None], zero[:, None], maxq) - w) ** 2
+    return (d * col_weight).sum(dim=1) if col_weight is not None else d.sum(dim=1)
 
 
 def params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +180,9 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return s * (codes.float() - z)
 
 
-def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest quantization of W [out, in], per channel or per group (shorter last group allowed)."""
+def rtn_quantize(w: torch.Tensor, spec: QuantSpec, col_weight: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of W [out, in], per channel or per group (shorter last group allowed), each
+    group's range by the spec's observer (`col_weight` [in]: the inputs' mean x^2, for act-mse)."""
     w = w.detach().float()
     out_f, in_f = w.shape
     gs = in_f if spec.group_size == -1 else spec.group_size
@@ -142,13 +190,43 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
     scales = torch.empty(out_f, n_groups, dtype=SCALE_DTYPE, device=w.device)
     zeros = torch.empty(out_f, n_groups, dtype=torch.uint8, device=w.device)
-    for g in range(n_groups):
+    first = 0
+    n_full = in_f // gs
+    if spec.observer != "minmax" and n_full > 1:  # the range searches: every full group at once, as rows of one batch
+        full = w[:, :n_full * gs].reshape(out_f * n_full, gs)
+        cw = None if col_weight is None else col_weight[:n_full * gs].float().reshape(1, n_full, gs).expand(out_f, -1, -1).reshape(-1, gs)
+        scale, zero = (t.view(out_f, n_full) for t in find_params(full, spec, cw))
+        codes[:, :n_full * gs] = quantize(w[:, :n_full * gs].view(out_f, n_full, gs), scale[..., None], zero[..., None],
+                                          spec.maxq).reshape(out_f, -1).to(torch.uint8)
+        scales[:, :n_full], zeros[:, :n_full] = scale.to(SCALE_DTYPE), zero.to(torch.uint8)
+        first = n_full
+    for g in range(first, n_groups):
         cols = slice(g * gs, min((g + 1) * gs, in_f))
-        scale, zero = find_params(w[:, cols], spec)
+        scale, zero = find_params(w[:, cols], spec, None if col_weight is None else col_weight[cols])
         codes[:, cols] = quantize(w[:, cols], scale[:, None], zero[:, None], spec.maxq).to(torch.uint8)
         scales[:, g] = scale.to(SCALE_DTYPE)
         zeros[:, g] = zero.to(torch.uint8)
     return QuantizedWeight(codes, scales, zeros, spec.g_idx(in_f, device=w.device), spec)
+
+
+def rtn_fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """rtn_quantize(w, spec).dequantize() for the min/max observer, all full groups at once (a search loop's inner
+    step, e.g. AWQ's); float32 [out, in]."""
+    if spec.observer != "minmax":
+        return rtn_quantize(w, spec).dequantize()
+    w = w.detach().float()
+    out_f, in_f = w.shape
+    gs = in_f if spec.group_size == -1 else min(spec.group_size, in_f)
+    n_full = in_f // gs
+    out = torch.empty_like(w)
+    g = w[:, :n_full * gs].reshape(out_f, n_full, gs)
+    scale, zero = params_from_range(g.amin(dim=2), g.amax(dim=2), spec)
+    out[:, :n_full * gs] = fake_quantize(g, scale[..., None], zero[..., None], spec.maxq).reshape(out_f, -1)
+    if n_full * gs < in_f:
+        rest = w[:, n_full * gs:]
+        scale, zero = params_from_range(rest.amin(dim=1), rest.amax(dim=1), spec)
+        out[:, n_full * gs:] = fake_quantize(rest, scale[:, None], zero[:, None], spec.maxq)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,6 +290,9 @@ class WeightQuantConfig(MethodConfig):
     group_size: int = option(128, "input columns sharing one scale/zero (a shorter last group where the width is not a "
                                   "multiple); -1: one group per output channel", range=(1, None), special={-1: "per-channel"})
     sym: bool = option(False, "symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric min/max")
+    observer: str = option("minmax", "each group's range: minmax; mse (the clip ratio with the least squared error, "
+                                     "GPTQ's mse search); act-mse (that error weighted per column by the calibration "
+                                     "inputs' mean x^2, the imatrix idea; needs calibration)", choices=OBSERVERS)
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.observer)

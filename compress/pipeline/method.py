@@ -109,7 +109,7 @@ def _key(name: str) -> str:
 # own module declares its family, summary and paper with @register; the entry here only says where it lives.
 METHODS: Registry[type[Method]] = Registry("method", {
     name: f"compress.methods.{name.replace('-', '_')}:{cls}" for name, cls in {
-        "rtn": "RTN", "gptq": "GPTQ", "owq": "OWQ", "llm-int8": "LLMInt8", "smoothquant": "SmoothQuant",
+        "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "hqq": "HQQ", "owq": "OWQ", "llm-int8": "LLMInt8", "smoothquant": "SmoothQuant",
         "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "owl": "OWL", "llm-pruner": "LLMPruner",
         "qat": "QAT", "peqa": "PEQA", "llm-qat": "LLMQAT", "qlora": "QLoRA", "lora": "LoraRecovery",
         "distill": "Distill",

@@ -108,6 +108,12 @@ class QuantTrainConfig(WeightQuantConfig, TrainConfig):
     quant_init: str = option("rtn", "initial grid and codes: rtn, or gptq (calibrated on the run's calibration data)",
                              choices=INITS)
 
+    def check(self) -> None:
+        super().check()
+        if self.observer != "minmax":
+            raise ConfigError(f"observer {self.observer!r}: the training-aware quantizers learn their scales from a "
+                              f"min/max start; allowed: minmax")
+
     def describe(self, extra: str = "") -> str:
         return f"{self.spec().label()} {self.quant_init}-init{(' ' + extra) if extra else ''} {self.steps} steps"
 

@@ -1,0 +1,147 @@
+"""HQQ, Half-Quadratic Quantization (Badri & Shaji 2023, mobiusml.github.io/hqq_blog): calibration-free grid fitting.
+
+Per group (a row of `gs` input columns) the grid minimises the l_p (p < 1) error of the weights, not the squared one:
+
+    min_{z, s} || W - Q^-1(Q(W)) ||_p^p,   Q(W) = clamp(round(W / s + z), 0, 2^b - 1),  Q^-1(q) = s (q - z)
+
+split half-quadratically with an auxiliary W_e (the error), solved by alternating closed forms (the blog's eq. 4-6):
+
+    W_e <- shrink_p(W - Q^-1(Q(W)), beta)       shrink_p(x, b) = sign(x) relu(|x| - |x|^(p-1) / b)   (generalised soft threshold)
+    z   <- mean_group( Q(W) - (W - W_e) / s )    (the zero's least-squares solution; here projected onto the integers 0..2^b-1)
+    s   <- <W - W_e, q - z> / <q - z, q - z>     (optional: the scale's least-squares solution given q and z)
+    beta <- kappa * beta
+
+with the reference's p = 0.7, beta = 10, kappa = 1.01, 20 iterations, started from min/max. The zero point is kept an
+integer (the project's one grid, so every export and kernel reads the result); the reference keeps it in float. Each
+group keeps the best iterate by the objective, so the objective of the returned grid never increases over iterations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.kernels.obs import single_thread
+from compress.kernels.quant_grid import SCALE_DTYPE, QuantizedWeight, QuantSpec, params_from_range, round_scale
+
+
+@dataclass(frozen=True)
+class HQQParams:
+    lp: float = 0.7  # the reference's lp_norm
+    beta: float = 10.0  # initial beta
+    kappa: float = 1.01  # beta's growth per iteration
+    iters: int = 20
+    optimize_scale: bool = True  # integer iterations: also solve for the scale given the codes and zero
+    float_zero: bool = False  # the reference's iterations (float zero, scale fixed), then the projection onto the grid
+
+
+def lp_objective(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, p: float) -> torch.Tensor:
+    """sum_j |w_j - w_hat_j|^p per row of w [rows, cols] on the grid (scale, zero) [rows]."""
+    q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)
+    return (w - scale[:, None] * (q - zero[:, None])).abs().pow(p).sum(dim=1)
+
+
+def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Proximal operator of |x|^p / beta (generalised soft thresholding, the reference's shrink_lp_op)."""
+    return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * torch.pow(x.abs() + 1e-8, p - 1))
+
+
+@torch.no_grad()
+def _float_zero_then_project(w, scale, zero, spec, hp):
+    """The reference's solver (zero continuous, scale fixed at min/max), keeping each row's best iterate, then the
+    projection onto the integer grid: z in {floor z*, ceil z*}, each with the scale refit by least squares to the
+    solver's codes, s = <W, q - z> / ||q - z||^2; the candidate (or the min/max start) with the least l_p error wins.
+    The trace is the solver's (float zero)."""
+    maxq = spec.maxq
+    s0, z0 = scale, zero
+    best = best_z = None
+    trace: list[float] = []
+    beta = hp.beta
+    for it in range(hp.iters + 1):
+        q = torch.clamp(torch.round(w / scale[:, None] + zero[:, None]), 0, maxq)
+        r = w - scale[:, None] * (q - zero[:, None])
+        obj = r.abs().pow(hp.lp).sum(dim=1)
+        if best is None:
+            best, best_z = obj, zero.clone()
+        else:
+            better = obj < best
+            best, best_z = torch.where(better, obj, best), torch.where(better, zero, best_z)
+        trace.append(float(best.sum()))
+        if it == hp.iters:
+            break
+        target = w - _shrink(r, beta, hp.lp)
+        zero = (q - target / scale[:, None]).mean(dim=1)  # the zero's closed form (float)
+        beta *= hp.kappa
+    q = torch.clamp(torch.round(w / scale[:, None] + best_z[:, None]), 0, maxq)
+    out_s, out_z = s0.clone(), z0.clone()
+    out_obj = lp_objective(w, s0, z0, maxq, hp.lp)
+    for zc in (torch.floor(best_z), torch.ceil(best_z)):
+        zc = zc.clamp(0, maxq)
+        d = q - zc[:, None]
+        den = (d * d).sum(dim=1)
+        sc = (w * d).sum(dim=1) / den.clamp(min=1e-12)
+        sc = torch.where((den > 0) & (sc > 0), round_scale(sc), s0)
+        obj = lp_objective(w, sc, zc, maxq, hp.lp)
+        better = obj < out_obj
+        out_obj, out_s, out_z = torch.where(better, obj, out_obj), torch.where(better, sc, out_s), torch.where(better, zc, out_z)
+    return out_s, out_z, trace
+
+
+def hqq_params(w: torch.Tensor, spec: QuantSpec, hp: HQQParams = HQQParams()) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Scale and integer zero per row of w [rows, cols] (float32) by the HQQ solver; also the objective (sum over rows of
+    the l_p error) of the kept grid after each iteration (index 0: min/max)."""
+    w = w.float()
+    maxq = spec.maxq
+    scale, zero = params_from_range(w.min(dim=1).values, w.max(dim=1).values, spec)
+    if hp.float_zero and not spec.sym:
+        return _float_zero_then_project(w, scale, zero, spec, hp)
+    best = best_s = best_z = None
+    trace: list[float] = []
+    beta = hp.beta
+    for it in range(hp.iters + 1):
+        # the residual of the current grid gives both its objective and the next shrinkage step
+        q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)
+        r = w - scale[:, None] * (q - zero[:, None])
+        obj = r.abs().pow(hp.lp).sum(dim=1)
+        if best is None:
+            best, best_s, best_z = obj, scale.clone(), zero.clone()
+        else:
+            better = obj < best
+            best = torch.where(better, obj, best)
+            best_s = torch.where(better, scale, best_s)
+            best_z = torch.where(better, zero, best_z)
+        trace.append(float(best.sum()))
+        if it == hp.iters:
+            break
+        target = w - _shrink(r, beta, hp.lp)  # W - W_e
+        if not spec.sym:  # a symmetric grid's zero is fixed at 2^(b-1)
+            zero = torch.clamp(torch.round((q - target / scale[:, None]).mean(dim=1)), 0, maxq)
+        if hp.optimize_scale:
+            d = q - zero[:, None]
+            den = (d * d).sum(dim=1)
+            s_new = (target * d).sum(dim=1) / den.clamp(min=1e-12)
+            scale = torch.where((den > 0) & (s_new > 0), round_scale(s_new), scale)
+        beta *= hp.kappa
+    return best_s, best_z, trace
+
+
+@single_thread()
+def hqq_quantize(w: torch.Tensor, spec: QuantSpec, hp: HQQParams = HQQParams()) -> QuantizedWeight:
+    """W [out, in] on the integer grid of `spec` (groups along the input, shorter last group allowed), every group's
+    scale and zero from the HQQ solver (all full groups of the matrix solved together, as rows of one batch). On one
+    thread: elementwise work on small tensors, which a second thread slows down on a busy machine (as GPTQ's sweep)."""
+    w = w.detach().float()
+    out_f, in_f = w.shape
+    gs = in_f if spec.group_size == -1 else min(spec.group_size, in_f)
+    n_groups = spec.groups(in_f)
+    n_full = in_f // gs
+    scales = torch.empty(out_f, n_groups, device=w.device)
+    zeros = torch.empty(out_f, n_groups, device=w.device)
+    s, z, _ = hqq_params(w[:, :n_full * gs].reshape(out_f * n_full, gs), spec, hp)  # row-major: [o, g] -> o * n_full + g
+    scales[:, :n_full], zeros[:, :n_full] = s.view(out_f, n_full), z.view(out_f, n_full)
+    if n_groups > n_full:  # the shorter last group
+        scales[:, -1], zeros[:, -1], _ = hqq_params(w[:, n_full * gs:], spec, hp)
+    g_idx = spec.g_idx(in_f, device=w.device)
+    sc, zc = scales[:, g_idx.long()], zeros[:, g_idx.long()]
+    codes = torch.clamp(torch.round(w / sc) + zc, 0, spec.maxq).to(torch.uint8)
+    return QuantizedWeight(codes, scales.to(SCALE_DTYPE), zeros.to(torch.uint8), g_idx, spec)
