@@ -92,6 +92,33 @@ def test_gptq_layout_and_reload(opts, tmp_path, tiny_tok):
         assert torch.equal(loaded.model(input_ids=ids).logits, ref)
 
 
+@pytest.mark.parametrize("opts", [
+    {"damp": 0.05, "static_groups": False, "true_sequential": True, "act_order": False},
+    {"damp": 0.2, "static_groups": True, "true_sequential": False, "act_order": True},
+])
+def test_gptq_quantize_config_is_the_runs(opts, tmp_path, tiny_tok):
+    """quantize_config.json carries the run's damp / static_groups / true_sequential, also after a native reload."""
+    from compress.formats.native import load_checkpoint, save_checkpoint
+
+    model = _quantized(bits=4, group_size=32, sym=True, **opts)
+    qc = json.loads((export("gptq", model, tiny_tok, tmp_path / "q") / "quantize_config.json").read_text())
+    want = {"damp_percent": opts["damp"], "static_groups": opts["static_groups"],
+            "true_sequential": opts["true_sequential"]}
+    assert {k: qc[k] for k in want} == want
+    assert qc["meta"]["method"] == "gptq" and qc["meta"]["act_order"] == opts["act_order"]
+    save_checkpoint(model, tiny_tok, tmp_path / "native")
+    reloaded, _, _ = load_checkpoint(tmp_path / "native")
+    qc2 = json.loads((export("gptq", reloaded, tiny_tok, tmp_path / "r") / "quantize_config.json").read_text())
+    assert qc2 == qc
+
+
+def test_gptq_quantize_config_of_rtn_names_no_sweep_settings(tmp_path, tiny_tok):
+    model = _quantized("rtn", bits=4, group_size=32, sym=True)
+    qc = json.loads((export("gptq", model, tiny_tok, tmp_path / "q") / "quantize_config.json").read_text())
+    assert not {"damp_percent", "static_groups", "true_sequential"} & set(qc)
+    assert qc["meta"]["method"] == "rtn" and qc["desc_act"] is False
+
+
 def test_gptq_refusals(tmp_path, tiny_tok):
     owq = _quantized("owq", bits=3, group_size=32, weak_columns=2)
     with pytest.raises(CompressError, match="OWQ float16 weak columns"):

@@ -4,7 +4,9 @@ Conventions (those of the GPTQ reference code, arXiv 2210.17323):
 * a weight W [out, in] is split along the input dimension into groups of `group_size` columns (-1: one group, i.e.
   per output channel); a width the group size does not divide gets a shorter last group, never a refusal;
 * asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale), the range always containing 0;
-  symmetric: scale = 2 max|w| / (2^b - 1), zero = 2^(b-1);
+  symmetric: scale = 2 max|w| / (2^b - 1), zero = 2^(b-1), the grid always spanning [-max|w|, +max|w|] -- also for a
+  group with no negative weight (the GPTQ reference's `xmin[xmin < 0] = -xmax` leaves such a group at scale
+  max/(2^b - 1) with zero 2^(b-1), which clips every value above (2^(b-1) - 1)/(2^b - 1) of the max; not done here);
 * q = clamp(round(w / scale) + zero, 0, 2^b - 1);  w_hat = scale * (q - zero).
 Scales are rounded to float16 *before* the codes are computed, so the float16 scales stored in every checkpoint
 format reproduce exactly the weights the algorithm chose.
@@ -62,9 +64,9 @@ def params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -
     zero_t = torch.zeros_like(wmin, dtype=torch.float32)
     xmin = torch.minimum(wmin.float(), zero_t)
     xmax = torch.maximum(wmax.float(), zero_t)
-    if spec.sym:
+    if spec.sym:  # ±max|w| whatever the signs (GPTQ ref. quant.py keeps xmin = 0 for a one-signed group: a bug)
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        xmin = -xmax
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)

@@ -22,6 +22,7 @@ import torch
 
 from compress.core.errors import ConfigError
 from compress.core.readers import read_yaml
+from compress.formats.base import record_stages
 from compress.pipeline.engine import Engine
 from compress.pipeline.method import Method, build_method
 
@@ -137,6 +138,7 @@ class Recipe:
                 model = stage.apply(model, ctx)
                 model = stage.finalize(model, ctx)
                 i += 1
+        record_stages(model, self.specs())  # what the exports write as the run's settings (GPTQ quantize_config)
         return model
 
     def report(self) -> dict[str, Any]:
