@@ -153,6 +153,48 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     return QuantizedWeight(codes, scales, zeros, spec.g_idx(in_f, device=w.device), spec)
 
 
+def mse_fake_quantize(w: torch.Tensor, bits: int, sym: bool, *, num: int = 40, norm: float = 2.4) -> torch.Tensor:
+    """W_hat of W [rows, cols] on a per-row grid whose range is tuned to minimise sum |w - w_hat|^norm, the
+    temporary grid of the OWQ reference (xvyaward/owq quant.py Quantizer.find_params, mse=True, num=40, p=2.4) that
+    OWQ's weak-column sensitivity uses: candidate ranges max_range * i / num (i = 1..num); symmetric: scale =
+    range / 2^(b-1), codes -2^(b-1)..2^(b-1)-1; asymmetric: range [0, r] shifted by every zero point 0..2^b-1."""
+    x = w.detach().float()
+    eps = torch.tensor(1e-8, device=x.device)
+    zero_t = torch.zeros(x.shape[0], device=x.device)
+    xmin, xmax = torch.minimum(x.min(1).values, zero_t), torch.maximum(x.max(1).values, zero_t)
+    best = torch.full_like(xmin, float("inf"))
+    if sym:
+        minq, maxq = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        xrange = torch.maximum(xmin.abs(), xmax)
+        best_max = xrange.clone()
+        for i in range(1, num + 1):
+            tmp_max = xrange / num * i
+            scale = torch.maximum(tmp_max / -minq, eps)[:, None]
+            score = ((torch.clamp(torch.round(x / scale), minq, maxq) * scale - x).abs() ** norm).mean(1)
+            best_max = torch.where(score < best, tmp_max, best_max)
+            best = torch.minimum(score, best)
+        scale = torch.maximum(best_max / -minq, eps)[:, None]
+        return torch.clamp(torch.round(x / scale), minq, maxq) * scale
+    maxq = 2 ** bits - 1
+    xrange = xmax - xmin
+    best_min, best_max = xmin.clone(), xmax.clone()
+    for i in range(1, num + 1):
+        tmp_max = xrange / num * i
+        delta = torch.maximum(tmp_max / maxq, eps)
+        x_round = torch.round(x / delta[:, None])
+        for zp in range(0, maxq + 1):
+            new_min, new_max = -zp * delta, tmp_max - zp * delta
+            zero = torch.clamp(-torch.round(new_min / delta), 0, maxq)[:, None]
+            score = (((torch.clamp(x_round + zero, 0, maxq) - zero) * delta[:, None] - x).abs() ** norm).mean(1)
+            better = score < best
+            best_min, best_max = torch.where(better, new_min, best_min), torch.where(better, new_max, best_max)
+            best = torch.minimum(best, score)
+    lo, hi = torch.minimum(best_min, zero_t), torch.maximum(best_max, zero_t)
+    scale = torch.maximum((hi - lo) / maxq, eps)[:, None]
+    zero = torch.clamp(-torch.round(lo[:, None] / scale), 0, maxq)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero) * scale
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bit packing: little-endian bit streams, 32 values per `bits` int32 words along the last dimension.
 # For bits in {2, 4, 8} this is the usual "value j at bits [b*j, b*(j+1)) of word j // (32/b)" layout; for 3 bits
