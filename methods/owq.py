@@ -110,6 +110,7 @@ class OWQ(Method):
     Config = OWQConfig
     needs = Needs(calibration=True, stats=("hessian",))
     layerwise = True
+    paper_options = {"allocation": "reference", "sensitivity_grid": "reference"}
 
     def __init__(self, config=None):
         super().__init__(config)

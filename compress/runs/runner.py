@@ -11,14 +11,14 @@ from typing import Any
 
 import torch
 
-from compress.core.errors import CompressError, ConfigError, Interrupted
+from compress.core.errors import CompressError, ConfigError, DataError, Interrupted
 from compress.evals.baselines import cached_baseline, remember_baseline
 from compress.evals.perplexity import perplexity, prepare, protocol_key
 from compress.evals.size import size_report
 from compress.formats import check_output_dir, save_checkpoint
 from compress.pipeline.recipe import Recipe, RunContext
 from compress.runs.results import append_record, environment, new_run_id, now_iso, peak_memory, read_records
-from compress.runs.spec import RunSpec
+from compress.runs.spec import RunSpec, apply_paper_protocol
 from compress.sources.data import (check_calibration_supply, eval_text, get_calibration, resolve_data_dir,
                                    with_pydoc_fallback)
 from compress.sources.models import (ModelFacts, check_context, inspect_model, load_model, load_tokenizer,
@@ -38,6 +38,8 @@ def default_output(spec: RunSpec, recipe) -> str:
 
 def validate(spec: RunSpec):
     """Check every input before anything is loaded or written. Returns (recipe, output folder or None)."""
+    if spec.paper_protocol:
+        apply_paper_protocol(spec)
     recipe = Recipe.from_specs(spec.stages) if spec.stages else None
     if spec.kind != "eval" and recipe is None:
         raise ConfigError("no method given")
@@ -85,8 +87,13 @@ def validate(spec: RunSpec):
     if calibrates:
         tok = load_tokenizer(facts)
         if tok is not None:
-            check_calibration_supply(spec.calib, tok, nsamples=spec.nsamples, seqlen=spec.seqlen,
-                                     data_dir=spec.data_dir, fallback=fallback)
+            try:
+                check_calibration_supply(spec.calib, tok, nsamples=spec.nsamples, seqlen=spec.seqlen,
+                                         data_dir=spec.data_dir, fallback=fallback and not spec.paper_protocol)
+            except DataError as e:
+                if not spec.paper_protocol:
+                    raise
+                raise DataError(f"--paper-protocol (C4, 128 x 2048 tokens) cannot be met: {e}") from None
     return recipe, output
 
 
@@ -210,7 +217,8 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
     calib = None
     if recipe.needs_calibration:
         calib = get_calibration(spec.calib, tok, nsamples=spec.nsamples, seqlen=spec.seqlen, seed=spec.seed,
-                                data_dir=spec.data_dir, model=model, fallback=spec.data_dir is None)
+                                data_dir=spec.data_dir, model=model,
+                                fallback=spec.data_dir is None and not spec.paper_protocol)
         if calib.source.fallback_from:
             log.warning("calibrating on pydoc text instead of %s", calib.source.fallback_from)
     ctx = RunContext(tokenizer=tok, device=device, calibration=calib, data_dir=spec.data_dir, seed=spec.seed,
