@@ -39,6 +39,8 @@ OWL = {"owl wanda bounded (before)": {"mapping": "bounded"}, "owl wanda referenc
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=("owq", "owl"), default=None)
+    ap.add_argument("--new-only", action="store_true", help="only the reference variants (the 'before' rows are the "
+                                                             "documented numbers, same protocol)")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}  commit {commit}  "
@@ -48,6 +50,8 @@ def main() -> None:
     if args.only in (None, "owq"):
         calib = get_calibration("wikitext2", tok, nsamples=16, seqlen=256, seed=0)
         for label, opts in OWQ.items():
+            if args.new_only and "reference allocation + reference grid" not in label:
+                continue
             t0 = time.perf_counter()
             recipe = Recipe.from_specs([{"method": "owq", "bits": 3, "group_size": 128, "target_bits": 3.01, **opts}])
             model = recipe.run(copy.deepcopy(loaded.model), RunContext(calibration=calib, progress=False))
@@ -59,6 +63,8 @@ def main() -> None:
     if args.only in (None, "owl"):
         calib = get_calibration("wikitext2", tok, nsamples=64, seqlen=512, seed=0)
         for label, opts in OWL.items():
+            if args.new_only and "before" in label:
+                continue
             t0 = time.perf_counter()
             recipe = Recipe.from_specs([{"method": "owl", "sparsity": 0.7, "outlier_m": 5, "lam": 0.08, **opts}])
             model = recipe.run(copy.deepcopy(loaded.model), RunContext(calibration=calib, progress=False))

@@ -13,6 +13,7 @@ import torch
 
 from compress.core.errors import CompressError, ConfigError, DataError, Interrupted
 from compress.evals.baselines import cached_baseline, remember_baseline
+from compress.evals.coverage import block_coverage, coverage_summary, refuse_fused_experts
 from compress.evals.perplexity import perplexity, prepare, protocol_key
 from compress.evals.size import size_report
 from compress.formats import check_output_dir, save_checkpoint
@@ -226,9 +227,13 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
                      model_spec=spec.model, model_dtype=next(model.parameters()).dtype)
     if spec.teacher:
         ctx.teacher = load_model(spec.teacher, dtype=spec.dtype, device="cpu")
+    if any(st.family in ("quantization", "pruning") for st in recipe.stages):
+        refuse_fused_experts(model, recipe.method_name)
     torch.manual_seed(spec.seed)
     t0 = time.perf_counter()
     model = recipe.run(model, ctx)
+    coverage = block_coverage(model)
+    log.info("coverage of the decoder blocks: %s", coverage_summary(coverage))
     compress_seconds = time.perf_counter() - t0
     log.info("%s finished in %.1f s", recipe.label(), compress_seconds)
     model.to(device)
@@ -239,6 +244,10 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
         "metrics": {"before": before, "after": after},
         "compress_seconds": round(compress_seconds, 2),
         "details": recipe.report(),
+        "coverage": {"compressed_modules": coverage["compressed_modules"],
+                     "compressed_params": coverage["compressed_params"],
+                     "kept": {k: len(v) for k, v in coverage["kept"].items()},
+                     "summary": coverage_summary(coverage)},
     })
     if output:
         provenance = {k: record[k] for k in ("run_id", "time", "model", "method", "setting", "recipe", "calibration")}
@@ -314,6 +323,8 @@ def print_summary(record: dict[str, Any], console) -> None:
     t.add_row("bytes in memory", _fmt_bytes(sb.get("memory_bytes")), _fmt_bytes(size.get("memory_bytes")), "")
     if "checkpoint_bytes" in size:
         t.add_row("checkpoint on disk", "", _fmt_bytes(size["checkpoint_bytes"]), f"{size.get('bits_per_param')} bits/param")
+    if record.get("coverage"):
+        t.add_row("decoder-block coverage", "", "", record["coverage"]["summary"])
     console.print(t)
     extra = []
     if record.get("compress_seconds") is not None:
