@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from compress.core.errors import CompressError
 from compress.layers.types import compressed_modules
+from compress.layers.weights import count_parameters
 from compress.model.arch import find_blocks
 from compress.model.surgery import is_linear_like
 
@@ -38,13 +39,13 @@ def block_coverage(model: nn.Module) -> dict[str, Any]:
     compressed = compressed_modules(model)
     comp_prefixes = tuple(n + "." for n in compressed)
     kept: dict[str, list[str]] = {}
-    n_comp = 0
+    block_names = tuple(f"{prefix}.{i}." for i in range(len(blocks)))
+    n_comp = sum(count_parameters(m) for n, m in compressed.items() if n.startswith(block_names))  # logical weights
     for i, block in enumerate(blocks):
         mods = dict(block.named_modules())
         for pname, p in block.named_parameters():
             full = f"{prefix}.{i}.{pname}"
             if full.startswith(comp_prefixes):
-                n_comp += p.numel()
                 continue
             owner, _, leaf = pname.rpartition(".")
             kept.setdefault(_kind(owner, mods[owner] if owner in mods else block, leaf, p.dim()), []).append(full)

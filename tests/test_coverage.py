@@ -12,6 +12,10 @@ def test_llama_after_rtn_lists_norms_as_kept(tiny_llama):
     model = Recipe.from_specs([{"method": "rtn", "bits": 4, "group_size": 32}]).run(tiny_llama, RunContext(progress=False))
     cov = block_coverage(model)
     assert cov["compressed_modules"] == 7 * len(model.model.layers)
+    cfg = model.config
+    kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    per_block = 2 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * kv + 3 * cfg.hidden_size * cfg.intermediate_size
+    assert cov["compressed_params"] == per_block * len(model.model.layers)
     assert set(cov["kept"]) == {"norm"} and len(cov["kept"]["norm"]) == 2 * len(model.model.layers)
     assert coverage_summary(cov).endswith(f"; kept: {2 * len(model.model.layers)} norm")
 
