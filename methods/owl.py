@@ -4,9 +4,12 @@ Before pruning, one observing pass over the dense model (the engine's `observe`,
 of the one before) measures each decoder layer's outlier ratio D_l: the share of its Wanda scores |W_ij|·||X_j||_2
 (all linears of the layer together) above M times their mean (Sec. 4, "layerwise outlier distribution", M = 5).
 Layers with more outliers are pruned less: the ratios are mapped linearly to sparsities spread over a band of
-width 2·lambda (the paper's code: S_l = S - 2·lambda·(D_l - D_min)/(D_max - D_min), re-centred so that their mean
-is S), and shrunk towards S where needed so that every S_l stays within [S - lambda, S + lambda] (the paper's
-constraint, Sec. 4). Each layer is then pruned by Wanda (per output row) or SparseGPT at its own sparsity.
+width 2·lambda, as the code behind the paper's numbers does (luuyin/OWL lib/prune.py: 1 - S_l = (D_l - D_min) /
+(D_max - D_min) · 2·lambda, re-centred so that the mean of S_l is S): `--mapping reference`, the default. The spread
+is always 2·lambda, so one outlier-heavy layer can sit up to 2·lambda from S. `--mapping bounded` also shrinks the
+deviations towards S where needed so that every S_l stays within [S - lambda, S + lambda] (the wording of Sec. 4),
+which narrows the spread on skewed ratios. Each layer is then pruned by Wanda (per output row) or SparseGPT at its
+own sparsity.
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ class OWLConfig(PruneConfig):
                               range=(1.0, None))
     lam: float = option(0.08, "lambda: the layer sparsities stay within target ± lambda (their mean is the target)",
                         range=(0.0, 0.5))
+    mapping: str = option("reference", "outlier ratios to layer sparsities: reference (the authors' code, spread "
+                                        "2·lambda) or bounded (also shrunk so every layer stays within ±lambda)",
+                          choices=("reference", "bounded"))
     base: str = option("wanda", "pruner applied to each layer at its sparsity", choices=("wanda", "sparsegpt"))
     damp: float = option(0.01, "SparseGPT's dampening, fraction of the mean Hessian diagonal added to it (owl: with "
                                "--base sparsegpt)", range=(0.0, 10.0))
@@ -53,15 +59,22 @@ def outlier_ratio(scores: torch.Tensor, m: float) -> float:
     return float((scores > m * scores.mean()).float().mean())
 
 
-def layer_sparsities(ratios: list[float], target: float, lam: float) -> list[float]:
-    """OWL's per-layer sparsities from outlier ratios: more outliers, lower sparsity; mean = target, |S_l - target| <= lam."""
+def layer_sparsities(ratios: list[float], target: float, lam: float, mapping: str = "reference") -> list[float]:
+    """OWL's per-layer sparsities from outlier ratios: more outliers, lower sparsity; mean = target; spread 2·lam
+    (reference), or with every |S_l - target| <= lam as well (bounded)."""
     d = torch.tensor(ratios, dtype=torch.float64)
     span = float(d.max() - d.min())
-    dev = (d - d.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(d)
+    dev = (d - d.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(d)  # OWL lib/prune.py
     dev = dev - dev.mean()  # kept share 1 - S_l = (1 - S) + dev
-    if float(dev.abs().max()) > lam:  # the paper's bound; scaling keeps the order and the mean
+    if mapping == "bounded" and float(dev.abs().max()) > lam:  # scaling keeps the order and the mean
         dev = dev * (lam / float(dev.abs().max()))
-    return [target - float(x) for x in dev]
+    out = [target - float(x) for x in dev]
+    worst = min(range(len(out)), key=lambda i: min(out[i], MAX_SPARSITY - out[i])) if out else 0
+    if out and not (0.0 <= out[worst] <= MAX_SPARSITY):
+        raise ConfigError(f"OWL layer {worst} would get sparsity {out[worst]:.4f}, outside 0..{MAX_SPARSITY:g} "
+                          f"(--lam {lam:g} around --sparsity {target:g}, --mapping {mapping}); lower --lam or use "
+                          "--mapping bounded")
+    return out
 
 
 @register("owl", family="pruning", summary="OWL: per-layer sparsities from outlier ratios of Wanda scores, then Wanda "
@@ -78,7 +91,7 @@ class OWL(PruningMethod):
 
     def describe(self) -> str:
         c = self.config
-        return f"{c.target:g} owl M{c.outlier_m:g} lambda {c.lam:g} {c.base}"
+        return f"{c.target:g} owl M{c.outlier_m:g} lambda {c.lam:g} {c.base}" + ("" if c.mapping == "reference" else " bounded")
 
     def stats_needed(self) -> tuple[str, ...]:
         return ("hessian",) if self.config.base == "sparsegpt" else ("input_norms",)
@@ -95,12 +108,13 @@ class OWL(PruningMethod):
 
         ctx.engine(model).observe(scan, desc="owl outlier scan")
         c = self.config
-        self.sparsities = layer_sparsities(ratios, c.target, c.lam)
+        self.sparsities = layer_sparsities(ratios, c.target, c.lam, c.mapping)
         rows = "\n".join(f"  layer {i:3d}: outliers {100 * r:6.3f}%  sparsity {s:.4f}" for i, (r, s) in enumerate(zip(ratios, self.sparsities)))
-        log.info("OWL layer sparsities (M=%g, lambda=%g, mean %.4f):\n%s", c.outlier_m, c.lam,
+        log.info("OWL layer sparsities (M=%g, lambda=%g, %s mapping, mean %.4f):\n%s", c.outlier_m, c.lam, c.mapping,
                  sum(self.sparsities) / len(self.sparsities), rows)
         self.report["outlier_ratios"] = [round(r, 6) for r in ratios]
         self.report["layer_sparsities"] = [round(s, 6) for s in self.sparsities]
+        self.report["mapping"] = c.mapping
 
     def compress_block(self, block) -> None:
         self._current = self.sparsities[block.index]

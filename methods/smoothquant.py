@@ -7,6 +7,12 @@ linear becomes a compress.layers.w8a8_linear.W8A8Linear: int8 weights per output
 per tensor (static: max|X|/127 over the calibration set, of the smoothed input), int8 x int8 -> int32 matmul.
 `--smooth-only` stops after the smoothing, so that GPTQ/RTN can follow in the same engine pass (a recipe);
 `--no-smooth` is the paper's plain W8A8 baseline.
+alpha: by architecture unless given (ALPHA_BY_MODEL_TYPE: the values of the authors' code, mit-han-lab/smoothquant
+ppl_eval.py / examples: OPT and BLOOM 0.5, LLaMA family 0.85, Mistral and Mixtral 0.8, Falcon 0.6; other types 0.5,
+the paper's default). Weights per output channel by default; `--weight-scheme per-tensor` gives the paper's O1
+(with per-token activations) and O3 (with per-tensor static activations) settings (Table 2). Not offered: O2's
+per-tensor dynamic activations, and int8 attention products (the paper quantizes the BMMs too; here attention
+runs in the compute dtype).
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 
 from compress.core.config import MethodConfig, option
 from compress.core.errors import ConfigError
-from compress.layers.w8a8_linear import ACT_SCHEMES, W8A8Linear
+from compress.layers.w8a8_linear import ACT_SCHEMES, WEIGHT_SCHEMES, W8A8Linear
 from compress.layers.weights import linear_weight
 from compress.pipeline.method import Method, Needs, register
 from compress.quant.smoothing import smooth_block, smoothable_groups
@@ -23,13 +29,25 @@ from compress.quant.smoothing import smooth_block, smoothable_groups
 log = logging.getLogger("compress")
 
 
+ALPHA_BY_MODEL_TYPE = {"opt": 0.5, "bloom": 0.5, "llama": 0.85, "mistral": 0.8, "mixtral": 0.8, "falcon": 0.6}
+DEFAULT_ALPHA = 0.5  # the paper's OPT value, for model types the authors' code does not list
+
+
+def default_alpha(model_type: str) -> float:
+    return ALPHA_BY_MODEL_TYPE.get(model_type, DEFAULT_ALPHA)
+
+
 @dataclass
 class SmoothQuantConfig(MethodConfig):
-    alpha: float = option(0.5, "migration strength: s_j = max|X_j|^alpha / max|W_j|^(1-alpha)", range=(0.0, 1.0))
+    alpha: float | None = option(None, "migration strength: s_j = max|X_j|^alpha / max|W_j|^(1-alpha); default by "
+                                       "architecture (OPT/BLOOM 0.5, LLaMA 0.85, Mistral/Mixtral 0.8, Falcon 0.6, "
+                                       "else 0.5)", range=(0.0, 1.0))
     smooth: bool = option(True, "fold smoothing factors into the norms and linears (--no-smooth: plain W8A8, the baseline)")
     smooth_only: bool = option(False, "only smooth, quantize nothing: a first stage before gptq/rtn in a recipe")
     act_scheme: str = option("per-token", "int8 activation scales: per-token (dynamic, at run time) or per-tensor "
                                           "(static, calibrated abs-max)", choices=ACT_SCHEMES)
+    weight_scheme: str = option("per-channel", "int8 weight scales: per-channel, or per-tensor (the paper's O1/O3)",
+                                choices=WEIGHT_SCHEMES)
 
     def check(self) -> None:
         if self.smooth_only and not self.smooth:
@@ -48,11 +66,23 @@ class SmoothQuant(Method):
         c = self.config
         if not c.smooth and c.act_scheme == "per-token":  # dynamic W8A8 without smoothing uses no data at all
             self.needs = Needs()
+        self.alpha = c.alpha if c.alpha is not None else DEFAULT_ALPHA
+
+    def prepare(self, model, ctx) -> None:
+        c = self.config
+        if c.alpha is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+            self.alpha = default_alpha(model_type)
+            if c.smooth:
+                log.info("SmoothQuant alpha %g for model type %r (the authors' value; --alpha overrides)", self.alpha,
+                         model_type)
+        self.report["alpha"] = self.alpha
 
     def describe(self) -> str:
         c = self.config
-        smooth = f"alpha {c.alpha}" if c.smooth else "no-smooth"
-        return f"smooth {smooth}" if c.smooth_only else f"w8a8 {c.act_scheme} {smooth}"
+        smooth = ("alpha " + (f"{c.alpha}" if c.alpha is not None else "auto")) if c.smooth else "no-smooth"
+        weights = "" if c.weight_scheme == "per-channel" else " w-per-tensor"
+        return f"smooth {smooth}" if c.smooth_only else f"w8a8 {c.act_scheme}{weights} {smooth}"
 
     def compress_block(self, block) -> None:
         c = self.config
@@ -63,7 +93,7 @@ class SmoothQuant(Method):
             stats = block.collect(list(dict.fromkeys(targets + smoothed_groups)), ("input_absmax",))
         factors = {}  # linear -> s its input columns were multiplied by
         if c.smooth:
-            for g in smooth_block(block, c.alpha, stats):
+            for g in smooth_block(block, self.alpha, stats):
                 before = stats[g.linears[0]].absmax.float()
                 after = before / g.scales
                 factors.update({n: g.scales for n in g.linears})
@@ -85,7 +115,7 @@ class SmoothQuant(Method):
                 absmax = absmax.max()
             weight = linear_weight(linear)
             block.replace(name, W8A8Linear.from_float(weight, getattr(linear, "bias", None), act_scheme=c.act_scheme,
-                                                      input_absmax=absmax))
+                                                      input_absmax=absmax, weight_scheme=c.weight_scheme))
 
     def finalize(self, model, ctx):
         smoothed = self.report.get("smoothed", {})
@@ -93,5 +123,5 @@ class SmoothQuant(Method):
             before = sum(v["act_max_over_median_before"] for v in smoothed.values()) / len(smoothed)
             after = sum(v["act_max_over_median_after"] for v in smoothed.values()) / len(smoothed)
             log.info("SmoothQuant: smoothed %d norm-fed groups (alpha %g); input max/median channel abs-max %.1f -> %.1f "
-                     "on average", len(smoothed), self.config.alpha, before, after)
+                     "on average", len(smoothed), self.alpha, before, after)
         return model

@@ -92,6 +92,33 @@ def test_gptq_layout_and_reload(opts, tmp_path, tiny_tok):
         assert torch.equal(loaded.model(input_ids=ids).logits, ref)
 
 
+@pytest.mark.parametrize("opts", [
+    {"damp": 0.05, "static_groups": False, "true_sequential": True, "act_order": False},
+    {"damp": 0.2, "static_groups": True, "true_sequential": False, "act_order": True},
+])
+def test_gptq_quantize_config_is_the_runs(opts, tmp_path, tiny_tok):
+    """quantize_config.json carries the run's damp / static_groups / true_sequential, also after a native reload."""
+    from compress.formats.native import load_checkpoint, save_checkpoint
+
+    model = _quantized(bits=4, group_size=32, sym=True, **opts)
+    qc = json.loads((export("gptq", model, tiny_tok, tmp_path / "q") / "quantize_config.json").read_text())
+    want = {"damp_percent": opts["damp"], "static_groups": opts["static_groups"],
+            "true_sequential": opts["true_sequential"]}
+    assert {k: qc[k] for k in want} == want
+    assert qc["meta"]["method"] == "gptq" and qc["meta"]["act_order"] == opts["act_order"]
+    save_checkpoint(model, tiny_tok, tmp_path / "native")
+    reloaded, _, _ = load_checkpoint(tmp_path / "native")
+    qc2 = json.loads((export("gptq", reloaded, tiny_tok, tmp_path / "r") / "quantize_config.json").read_text())
+    assert qc2 == qc
+
+
+def test_gptq_quantize_config_of_rtn_names_no_sweep_settings(tmp_path, tiny_tok):
+    model = _quantized("rtn", bits=4, group_size=32, sym=True)
+    qc = json.loads((export("gptq", model, tiny_tok, tmp_path / "q") / "quantize_config.json").read_text())
+    assert not {"damp_percent", "static_groups", "true_sequential"} & set(qc)
+    assert qc["meta"]["method"] == "rtn" and qc["desc_act"] is False
+
+
 def test_gptq_refusals(tmp_path, tiny_tok):
     owq = _quantized("owq", bits=3, group_size=32, weak_columns=2)
     with pytest.raises(CompressError, match="OWQ float16 weak columns"):
@@ -160,3 +187,55 @@ def test_cli_exports_and_eval_of_gptq_folder(tiny_model_dir, tmp_path):
                                         "--eval-windows", "4", "--no-progress"], catch_exceptions=False)
         assert res.exit_code == 0, res.output
         assert read_records()[-1]["metrics"]["after"]["ppl_pydoc"]["value"] == pytest.approx(ppl, rel=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_compressed_tensors_bit_widths_read_back_in_installed_reader(bits, tmp_path, tiny_tok):
+    """Every width the exporter writes decodes, through the installed compressed-tensors' own unpacker, to our codes."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    from safetensors.torch import load_file
+
+    from compress.formats.compressed_tensors import reader_layout_reason
+
+    try:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    except ImportError:
+        from compressed_tensors.compressors.quantized_compressors.pack_quantized import unpack_from_int32
+    model = _quantized("rtn", bits=bits, group_size=32, sym=True)
+    out = export("compressed-tensors", model, tiny_tok, tmp_path / "q")
+    if reader_layout_reason(bits) is not None:  # an older reader: the exporter must have fallen back to GPTQ
+        assert out.name.endswith("-gptq")
+        return
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "weights"]["num_bits"] == bits
+    state = load_file(str(out / "model.safetensors"))
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            signed = unpack_from_int32(state[f"{name}.weight_packed"], bits, torch.Size([m.out_features, m.in_features]))
+            assert torch.equal(signed.to(torch.int64) + 2 ** (bits - 1), m.quantized_weight().codes.long())
+            n += 1
+    assert n == 14
+
+
+def test_compressed_tensors_old_reader_layout_falls_back(monkeypatch, tmp_path, tiny_tok, caplog):
+    """A reader that packs 32 // bits codes per word (older compressed-tensors) cannot read our 3-bit stream."""
+    import compress.formats.compressed_tensors as ct
+
+    def old_pack(value, num_bits, packed_dim=1):  # the pre-0.20 layout: 32 // bits values per word, padding bits
+        v = value.to(torch.int64) + 2 ** (num_bits - 1)
+        per = 32 // num_bits
+        pad = (-v.shape[1]) % per
+        v = torch.nn.functional.pad(v, (0, pad)).reshape(v.shape[0], -1, per)
+        words = (v << (torch.arange(per) * num_bits)).sum(-1)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    monkeypatch.setattr(ct, "_installed_packer", lambda: ("0.9-old", old_pack))
+    assert ct.reader_layout_reason(4) is None and ct.reader_layout_reason(8) is None
+    assert "lays out 3-bit codes differently" in ct.reader_layout_reason(3)
+    model = _quantized("rtn", bits=3, group_size=32, sym=True)
+    with caplog.at_level(logging.WARNING, logger="compress"):
+        path = export("compressed-tensors", model, tiny_tok, tmp_path / "q")
+    assert "0.9-old" in caplog.text and path == tmp_path / "q-gptq"
+    monkeypatch.setattr(ct, "_installed_packer", lambda: (None, None))
+    assert "not installed" in ct.reader_layout_reason(5)

@@ -100,3 +100,43 @@ def test_reload_reproduces_logits(opts, tmp_path, tiny_tok):
 def test_bad_options(opts, msg):
     with pytest.raises(ConfigError, match=msg):
         Recipe.from_specs([{"method": "owq", "bits": 3, **opts}])
+
+
+def test_reference_allocation_follows_the_authors_formula():
+    """--allocation reference: k = round(in * r * ratio) made even, r = 12/(16-bits) * (target-bits) / linears per
+    block; attention ratio 1, LLaMA MLP 0.375 (xvyaward/owq model_config.json)."""
+    from compress.methods.owq import reference_weak_count
+
+    model, recipe = _run("owq", target_bits=3.5, allocation="reference", sensitivity_grid="reference")
+    layers = recipe.stages[0].report["layers"]
+    r = 12 / 13 * 0.5 / 7
+    for name, info in layers.items():
+        lin = dict(model.named_modules())[name]
+        ratio = 1.0 if "self_attn" in name else 0.375
+        k = round(lin.in_features * r * ratio)
+        assert info["weak_columns"] == k + k % 2 and info["weak_columns"] % 2 == 0
+    assert layers["model.layers.0.self_attn.q_proj"]["weak_columns"] > layers["model.layers.0.mlp.up_proj"]["weak_columns"]
+    assert recipe.stages[0].report["allocation"] == "reference"
+    assert reference_weak_count(4096, 3, 3.01, 1.0, 7) == 6  # LLaMA-7B q_proj at 3.01 bits: 5.4 -> 5 -> even 6
+    with pytest.raises(ConfigError, match="--allocation reference"):
+        Recipe.from_specs([{"method": "owq", "allocation": "reference", "weak_columns": 4}])
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_mse_grid_beats_min_max_in_its_norm_and_changes_the_ranking(sym):
+    from compress.kernels.quant_grid import mse_fake_quantize
+    from compress.methods.owq import sensitivity
+
+    w, H, _ = _layer_problem(seed=3)
+    w[:, 5] *= 8  # an outlier weight column: min/max stretches every row's grid for it, the MSE range clips it
+    if sym:  # the reference's symmetric grid: scale max|w| / 2^(b-1), codes -4..3 (its largest candidate range)
+        scale = w.abs().amax(1, keepdim=True) / 4
+        minmax = torch.clamp(torch.round(w / scale), -4, 3) * scale
+    else:
+        minmax = rtn_quantize(w, QuantSpec(3, -1, sym)).dequantize()
+    mse = mse_fake_quantize(w, 3, sym)
+    err = lambda q: ((w - q).abs() ** 2.4).mean(1)  # noqa: E731
+    assert torch.all(err(mse) <= err(minmax) * (1 + 1e-3) + 1e-6) and err(mse).sum() < err(minmax).sum()
+    levels = 2 ** 3
+    assert all(torch.unique(mse[i]).numel() <= levels for i in range(w.shape[0]))
+    assert not torch.allclose(sensitivity(w, H, mse), sensitivity(w, H, minmax), rtol=0.05)

@@ -236,14 +236,21 @@ def test_owl_layer_sparsities_mean_bound_order():
     from compress.methods.owl import layer_sparsities
 
     ratios = [0.010, 0.030, 0.020, 0.012, 0.050, 0.011]
-    s = layer_sparsities(ratios, 0.7, 0.08)
-    assert sum(s) / len(s) == pytest.approx(0.7, abs=1e-12)
-    assert max(abs(x - 0.7) for x in s) <= 0.08 + 1e-12
-    order = sorted(range(6), key=lambda i: ratios[i])
-    assert all(s[order[i]] >= s[order[i + 1]] for i in range(5))  # more outliers, less pruning
-    skewed = layer_sparsities([0.01] * 9 + [0.2], 0.5, 0.08)  # one outlier-heavy layer: the paper's bound still holds
-    assert min(skewed) == pytest.approx(0.42) and sum(skewed) / 10 == pytest.approx(0.5)
-    assert layer_sparsities([0.02] * 4, 0.6, 0.08) == pytest.approx([0.6] * 4)
+    for mapping in ("reference", "bounded"):
+        s = layer_sparsities(ratios, 0.7, 0.08, mapping)
+        assert sum(s) / len(s) == pytest.approx(0.7, abs=1e-12)
+        order = sorted(range(6), key=lambda i: ratios[i])
+        assert all(s[order[i]] >= s[order[i + 1]] for i in range(5))  # more outliers, less pruning
+        assert layer_sparsities([0.02] * 4, 0.6, 0.08, mapping) == pytest.approx([0.6] * 4)
+    assert max(abs(x - 0.7) for x in layer_sparsities(ratios, 0.7, 0.08, "bounded")) <= 0.08 + 1e-12
+    # one outlier-heavy layer: the reference (OWL lib/prune.py) keeps the spread 2·lambda = 0.16, the bound shrinks it
+    ref = layer_sparsities([0.01] * 9 + [0.2], 0.5, 0.08)
+    assert max(ref) - min(ref) == pytest.approx(0.16) and min(ref) == pytest.approx(0.5 - 0.144)
+    assert sum(ref) / 10 == pytest.approx(0.5)
+    bounded = layer_sparsities([0.01] * 9 + [0.2], 0.5, 0.08, "bounded")
+    assert min(bounded) == pytest.approx(0.42) and max(bounded) - min(bounded) == pytest.approx(0.16 * 0.08 / 0.144)
+    with pytest.raises(ConfigError, match="OWL layer 0 would get sparsity .* lower --lam or use --mapping bounded"):
+        layer_sparsities([0.2] + [0.01] * 9, 0.05, 0.05)  # 0.05 - 0.09 < 0
 
 
 def test_owl_in_model_average_sparsity_and_per_row(ids, caplog):

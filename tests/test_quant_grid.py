@@ -40,6 +40,29 @@ def test_symmetric_zero_is_midpoint():
     assert torch.all(qw.zeros == 8)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_one_signed_group_spans_plus_minus_max(sign, bits):
+    """A group with no weight of the other sign still gets the grid ±max|w| (scale 2 max / (2^b - 1), zero 2^(b-1)).
+    The GPTQ reference's quirk (xmin kept at 0: scale max / (2^b - 1)) clipped every value above 7/15 of the max at 4
+    bits: [0.1, 0.5, 1.0, 0.8] came back as [0.13, 0.47, 0.47, 0.47]."""
+    w = sign * torch.tensor([[0.1, 0.5, 1.0, 0.8]])
+    spec = QuantSpec(bits, -1, True)
+    scale, zero = find_params(w, spec)
+    assert scale.item() == pytest.approx(2.0 / spec.maxq, rel=1e-3) and zero.item() == 2 ** (bits - 1)
+    w_hat = rtn_quantize(w, spec).dequantize()
+    step = scale.item()
+    # no clipping beyond the grid's own asymmetry: the top code is (2^(b-1) - 1) steps above zero
+    top = (2 ** (bits - 1) - 1) * step
+    expected = torch.clamp(torch.round(w / step) * step, -(2 ** (bits - 1)) * step, top)
+    assert torch.allclose(w_hat, expected, atol=1e-3)
+    if bits == 4 and sign > 0:
+        assert torch.allclose(w_hat, sign * torch.tensor([[0.1333, 0.5333, 0.9333, 0.8]]), atol=1e-3)
+    # the same group mixed with one weight of the other sign gets the same grid (only max|w| matters)
+    mixed = torch.cat([w, -0.01 * sign * torch.ones(1, 1)], dim=1)
+    assert find_params(mixed, spec)[0].item() == pytest.approx(scale.item())
+
+
 def test_codes_on_grid_and_error_bounded():
     torch.manual_seed(0)
     w = torch.randn(16, 200)

@@ -33,6 +33,8 @@ def _outlier_model(arch, seed=0):
 
 def _run(model, calib, *specs):
     recipe = Recipe.from_specs(list(specs))
+    for stage in recipe.stages:  # as Recipe.run does (SmoothQuant picks its default alpha from the model type)
+        stage.prepare(model, RunContext(progress=False))
     Engine(model, calib, progress=False).run(recipe.stages)
     return recipe
 
@@ -97,7 +99,7 @@ def test_smoothing_lowers_w8a8_error_with_static_activations(tiny_calib):
     errs = {}
     for smooth in (False, True):
         m = copy.deepcopy(model)
-        _run(m, tiny_calib, {"method": "smoothquant", "smooth": smooth, "act_scheme": "per-tensor"})
+        _run(m, tiny_calib, {"method": "smoothquant", "smooth": smooth, "act_scheme": "per-tensor", "alpha": 0.5})
         assert sum(isinstance(x, W8A8Linear) for x in m.modules()) == 2 * 7
         with torch.no_grad():
             errs[smooth] = (m(input_ids=ids).logits - ref).pow(2).mean().item()
@@ -158,7 +160,7 @@ def test_compressed_tensors_export_loads_in_transformers(scheme, tmp_path, tiny_
     from compress.formats.exporters import export
 
     model = _outlier_model("llama")
-    _run(model, tiny_calib, {"method": "smoothquant", "act_scheme": scheme})
+    _run(model, tiny_calib, {"method": "smoothquant", "act_scheme": scheme, "alpha": 0.5})
     path = export("compressed-tensors", model, tiny_tok, tmp_path / "m")
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     parsed = QuantizationConfig.model_validate(qc)  # the library's own schema accepts it
@@ -226,3 +228,44 @@ def test_cli_smoothquant_and_eval_same_perplexity(tiny_model_dir, tmp_path):
                                     "--eval-windows", "2", "--no-progress"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert read_records()[-1]["metrics"]["after"]["ppl_pydoc"]["value"] == pytest.approx(rec["metrics"]["after"]["ppl_pydoc"]["value"], rel=1e-4)
+
+
+@pytest.mark.parametrize("arch,alpha", [("llama", 0.85), ("opt", 0.5)])
+def test_alpha_defaults_by_architecture(arch, alpha, tiny_calib):
+    """No --alpha: the authors' value for the model type (LLaMA 0.85, OPT 0.5); the smoothing factors are eq. 4 at it."""
+    from compress.quant.smoothing import smoothing_factors
+
+    model = _outlier_model(arch)
+    ref = copy.deepcopy(model)
+    recipe = Recipe.from_specs([{"method": "smoothquant", "smooth_only": True}])
+    recipe.run(model, RunContext(calibration=Calibration(tiny_calib, None, 0), progress=False))
+    assert recipe.stages[0].report["alpha"] == alpha
+    explicit = Recipe.from_specs([{"method": "smoothquant", "smooth_only": True, "alpha": alpha}])
+    explicit.run(ref, RunContext(calibration=Calibration(tiny_calib, None, 0), progress=False))
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+    assert recipe.stages[0].report["smoothed"] and smoothing_factors  # smoothing really happened
+
+
+def test_per_tensor_weight_scales_o1_o3(tmp_path, tiny_calib, tiny_tok):
+    """--weight-scheme per-tensor: one float16 scale per weight matrix (the paper's O1/O3), stored, reloaded, exported."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from compress.formats.exporters import export
+
+    model = _outlier_model("llama")
+    _run(model, tiny_calib, {"method": "smoothquant", "act_scheme": "per-tensor", "weight_scheme": "per-tensor"})
+    lins = [m for m in model.modules() if isinstance(m, W8A8Linear)]
+    assert len(lins) == 14 and all(m.weight_scale.shape == (1, 1) for m in lins)
+    m = lins[0]
+    w = m.dequantize_weight(torch.float32)
+    assert torch.equal(w, m.weight.float() * m.weight_scale.float()) and int(m.weight.abs().max()) == 127
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    loaded, _, _ = load_checkpoint(save_checkpoint(model, tiny_tok, tmp_path / "ckpt"))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, ref)
+    qc = json.loads((export("compressed-tensors", model, tiny_tok, tmp_path / "m") / "config.json").read_text())
+    assert QuantizationConfig.model_validate(qc["quantization_config"]).config_groups["group_0"].weights.strategy == "tensor"

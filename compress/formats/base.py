@@ -104,6 +104,17 @@ _SHARD_BYTES = 2 * 1024**3
 
 
 FORMAT_KEY = "compress_format"
+RECIPE_ATTR = "compress_recipe"  # the stages a model went through ({"method", "family", "config"} each), kept on it
+
+
+def applied_stages(model: nn.Module) -> list[dict[str, Any]]:
+    """The recipe stages the model was compressed with (in order; [] when unknown, e.g. a model read from a peer's
+    format), as compress.pipeline.recipe.Recipe.run records them and the native checkpoint keeps them."""
+    return list(getattr(model, RECIPE_ATTR, None) or [])
+
+
+def record_stages(model: nn.Module, stages: list[dict[str, Any]]) -> None:
+    object.__setattr__(model, RECIPE_ATTR, applied_stages(model) + [dict(s) for s in stages])
 
 
 ADAPTER_KEY = "compress_adapter"  # config.json entry naming the adapter subfolder applied on load

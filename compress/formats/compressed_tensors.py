@@ -15,6 +15,11 @@ left unquantized. The format needs a symmetric grid (transformers with compresse
 packed zero points of asymmetric ones), a group size that divides every quantized layer's input width, and groups
 in natural order (compressed-tensors dropped the act-order group index); when any of these fails the exporter says
 so and writes the GPTQ format instead.
+
+Bit widths: at 2, 4 and 8 bits every compressed-tensors version lays codes out the same way (32 / bits per word).
+At 3, 5, 6 and 7 bits older readers packed 32 // bits codes per word with padding bits, newer ones (0.20) a dense
+bit stream like ours; these widths are written only when the installed `compressed_tensors` packs a probe exactly as
+this writer does (`reader_layout_reason`), else the exporter falls back to GPTQ naming the version.
 """
 from __future__ import annotations
 
@@ -30,14 +35,60 @@ from compress.core.readers import read_json_object
 from compress.formats.base import AtomicFolder, Format, state_for_saving, write_model_folder
 from compress.formats.gptq import export_gptq, quantized_linears
 from compress.formats.w8a8 import export_int_quantized, w8a8_modules
+from compress.kernels.quant_grid import pack_bits
 from compress.model.surgery import is_linear_like
 
 log = logging.getLogger("compress")
 
 
+_READER_PACKERS = ("compressed_tensors.compressors.pack_quantized.helpers",  # 0.20
+                   "compressed_tensors.compressors.quantized_compressors.pack_quantized")  # older releases
+
+
+def _installed_packer():
+    """(version, pack_to_int32) of the installed compressed-tensors, or (None, None) when it is absent."""
+    import importlib
+
+    try:
+        ct = importlib.import_module("compressed_tensors")
+    except ImportError:
+        return None, None
+    for mod in _READER_PACKERS:
+        try:
+            return getattr(ct, "__version__", "?"), importlib.import_module(mod).pack_to_int32
+        except (ImportError, AttributeError):
+            continue
+    return getattr(ct, "__version__", "?"), None
+
+
+def reader_layout_reason(bits: int) -> str | None:
+    """Why `bits`-bit pack-quantized codes written here would not read back in the installed compressed-tensors
+    (None if they would): 2/4/8 bits have one layout in every version; other widths are checked on a probe."""
+    if 32 % bits == 0:
+        return None
+    version, pack = _installed_packer()
+    if pack is None:
+        return (f"{bits}-bit pack-quantized layouts differ between compressed-tensors versions and "
+                + ("compressed-tensors is not installed" if version is None else
+                   f"compressed-tensors {version} has no pack_to_int32 to check against") + " (2, 4 and 8 bits are safe)")
+    probe = (torch.arange(3 * 70, dtype=torch.int64).reshape(3, 70) * 7 + 3) % (2**bits)  # codes 0..2^b-1, 70 columns
+    ours = pack_bits(probe, bits)[:, :math.ceil(70 * bits / 32)]
+    try:
+        theirs = pack(probe.sub(2 ** (bits - 1)).to(torch.int8), bits)  # its input: signed values
+    except Exception as e:  # noqa: BLE001 - a reader that cannot pack this width cannot read it either
+        return f"compressed-tensors {version} cannot pack {bits}-bit weights ({type(e).__name__}: {e})"
+    if theirs.shape != ours.shape or not torch.equal(theirs.to(torch.int32), ours):
+        return (f"compressed-tensors {version} lays out {bits}-bit codes differently from this writer (it packs "
+                f"{32 // bits} per word); 2, 4 and 8 bits read back in every version")
+    return None
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the model's quantized linears cannot be written as pack-quantized (None if they can)."""
     mods, spec, _ = quantized_linears(model, "compressed-tensors", every_block_linear=False)
+    layout = reader_layout_reason(spec.bits)
+    if layout is not None:
+        return layout
     if not spec.sym:
         return ("the grid is asymmetric: transformers (with compressed-tensors 0.20) cannot load asymmetric "
                 "pack-quantized checkpoints, it builds unpacked zero points where the format stores packed ones; "

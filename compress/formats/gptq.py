@@ -12,8 +12,9 @@ transformers, vLLM and SGLang read it. Written from the integers a quantizer pro
 
 n_groups = ceil(in / group_size) (a shorter last group where the width is not a multiple, as GPTQ's own code
 makes; group_size -1 is one group per output channel). config.json gets quantization_config {quant_method "gptq",
-bits, group_size, desc_act, sym, checkpoint_format "gptq", ...} and the same dict goes to quantize_config.json
-(where GPTQModel/AutoGPTQ look). Every linear inside the decoder blocks must be quantized with one setting; the
+bits, group_size, desc_act, sym, checkpoint_format "gptq", ...; damp_percent, true_sequential and static_groups as
+the run that made the codes used them, see gptq_config} and the same dict goes to quantize_config.json (where
+GPTQModel/AutoGPTQ look). Every linear inside the decoder blocks must be quantized with one setting; the
 embeddings, norms and lm_head stay as they are. `compress eval --model <folder>` reads it back through
 `read_gptq` into the project's QuantLinear modules, bit for bit.
 
@@ -34,6 +35,7 @@ from compress.core.readers import read_json_object
 from compress.formats.base import (
     AtomicFolder,
     Format,
+    applied_stages,
     build_empty_model,
     load_remaining,
     read_safetensors,
@@ -100,8 +102,19 @@ def gptq_tensors(module: QuantLinear, name: str) -> dict[str, torch.Tensor]:
     return t
 
 
-def gptq_config(spec: QuantSpec, act_order: bool, **extra: Any) -> dict[str, Any]:
-    return {
+# Stage options that GPTQModel/AutoGPTQ's quantize_config names differently (damp_percent) or the same.
+_SWEEP_KEYS = {"damp": "damp_percent", "true_sequential": "true_sequential", "static_groups": "static_groups"}
+
+
+def gptq_config(spec: QuantSpec, act_order: bool, stages: list[dict[str, Any]] | None = None,
+                **extra: Any) -> dict[str, Any]:
+    """quantization_config / quantize_config.json of a GPTQ folder. desc_act says whether the stored g_idx is an
+    act-order map (what readers need); damp_percent, true_sequential and static_groups are the values of the run
+    that made the codes (the last stage in `stages` with a bit width, when it has them: GPTQ, OWQ), and are left out
+    when it has none (RTN) or no stage is known (a model read from a peer's folder) rather than made up."""
+    quant = next((st for st in reversed(stages or []) if "bits" in (st.get("config") or {})), None)
+    sweep = quant if quant is not None and "damp" in quant["config"] else None
+    qc: dict[str, Any] = {
         "quant_method": "gptq",
         "bits": spec.bits,
         "group_size": spec.group_size,
@@ -110,12 +123,17 @@ def gptq_config(spec: QuantSpec, act_order: bool, **extra: Any) -> dict[str, Any
         "checkpoint_format": "gptq",
         "pack_dtype": "int32",
         "lm_head": False,
-        "true_sequential": True,
-        "static_groups": False,
-        "damp_percent": 0.01,
-        "meta": {"quantizer": ["compress"]},
-        **extra,
     }
+    meta: dict[str, Any] = {"quantizer": ["compress"]}
+    if sweep is not None:
+        cfg = sweep["config"]
+        qc.update({out: cfg[k] for k, out in _SWEEP_KEYS.items() if k in cfg})
+        meta.update({"method": sweep.get("method"), "act_order": cfg.get("act_order")})
+    elif quant is not None:
+        meta["method"] = quant.get("method")
+    qc["meta"] = meta
+    qc.update(extra)
+    return qc
 
 
 def export_gptq(model: nn.Module, tokenizer: Any, target: Path, overwrite: bool) -> Path:
@@ -127,7 +145,7 @@ def export_gptq(model: nn.Module, tokenizer: Any, target: Path, overwrite: bool)
             del state[key]
         for suffix, tensor in gptq_tensors(m, name).items():
             state[f"{name}.{suffix}"] = tensor.to("cpu")
-    qc = gptq_config(spec, act_order)
+    qc = gptq_config(spec, act_order, applied_stages(model))
     with AtomicFolder(target, overwrite) as tmp:
         write_model_folder(tmp, model, tokenizer, state, qc)
         (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2))

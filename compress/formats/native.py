@@ -22,9 +22,11 @@ from compress.formats.base import (
     NATIVE_QUANT_METHOD,
     AtomicFolder,
     all_formats,
+    applied_stages,
     build_empty_model,
     load_remaining,
     read_safetensors,
+    record_stages,
     state_for_saving,
     write_model_folder,
 )
@@ -65,6 +67,7 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
                 "quant_method": NATIVE_QUANT_METHOD,
                 "format": "native",
                 **(quant_info or {}),
+                **({"recipe": applied_stages(model)} if applied_stages(model) else {}),
                 "modules": {n: m.module_config() for n, m in modules.items()},
             }
             for key, value in filter(None, (f.config_section(modules) for f in formats)):
@@ -107,7 +110,10 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     # integer codes and float16 scales keep their own dtypes.
     tok = load_remaining(model, state, folder, config)
     info = {"format": "native" if qc else "dense", "quantization_config": {k: v for k, v in qc.items() if k != "modules"}}
-    return _finish(model, folder, config, formats), tok, info
+    model = _finish(model, folder, config, formats)
+    if isinstance(qc.get("recipe"), list):  # an export of the reloaded model writes the settings it was made with
+        record_stages(model, qc["recipe"])
+    return model, tok, info
 
 
 def _finish(model: nn.Module, folder: Path, config: dict[str, Any], formats) -> nn.Module:

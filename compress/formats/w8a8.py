@@ -42,6 +42,10 @@ def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
     if len(schemes) != 1:
         raise CompressError(f"one activation scheme per export, this model mixes {sorted(schemes)}")
     static = schemes.pop() == "per-tensor"
+    wschemes = {m.weight_scheme for m in mods.values()}
+    if len(wschemes) != 1:
+        raise CompressError(f"one weight scheme per export, this model mixes {sorted(wschemes)}")
+    wstrategy = "channel" if wschemes.pop() == "per-channel" else "tensor"
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return {
         "quant_method": "compressed-tensors",
@@ -49,7 +53,7 @@ def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
         "quantization_status": "compressed",
         "config_groups": {"group_0": {
             "targets": ["Linear"],
-            "weights": _int8_args("channel", False),
+            "weights": _int8_args(wstrategy, False),
             "input_activations": _int8_args("tensor", False) if static else _int8_args("token", True),
             "output_activations": None,
             "format": "int-quantized",

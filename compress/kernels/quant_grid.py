@@ -4,7 +4,9 @@ Conventions (those of the GPTQ reference code, arXiv 2210.17323):
 * a weight W [out, in] is split along the input dimension into groups of `group_size` columns (-1: one group, i.e.
   per output channel); a width the group size does not divide gets a shorter last group, never a refusal;
 * asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale), the range always containing 0;
-  symmetric: scale = 2 max|w| / (2^b - 1), zero = 2^(b-1);
+  symmetric: scale = 2 max|w| / (2^b - 1), zero = 2^(b-1), the grid always spanning [-max|w|, +max|w|] -- also for a
+  group with no negative weight (the GPTQ reference's `xmin[xmin < 0] = -xmax` leaves such a group at scale
+  max/(2^b - 1) with zero 2^(b-1), which clips every value above (2^(b-1) - 1)/(2^b - 1) of the max; not done here);
 * q = clamp(round(w / scale) + zero, 0, 2^b - 1);  w_hat = scale * (q - zero).
 Scales are rounded to float16 *before* the codes are computed, so the float16 scales stored in every checkpoint
 format reproduce exactly the weights the algorithm chose.
@@ -109,9 +111,9 @@ def params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -
     zero_t = torch.zeros_like(wmin, dtype=torch.float32)
     xmin = torch.minimum(wmin.float(), zero_t)
     xmax = torch.maximum(wmax.float(), zero_t)
-    if spec.sym:
+    if spec.sym:  # ±max|w| whatever the signs (GPTQ ref. quant.py keeps xmin = 0 for a one-signed group: a bug)
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        xmin = -xmax
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
@@ -227,6 +229,46 @@ def rtn_fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         scale, zero = params_from_range(rest.amin(dim=1), rest.amax(dim=1), spec)
         out[:, n_full * gs:] = fake_quantize(rest, scale[:, None], zero[:, None], spec.maxq)
     return out
+def mse_fake_quantize(w: torch.Tensor, bits: int, sym: bool, *, num: int = 40, norm: float = 2.4) -> torch.Tensor:
+    """W_hat of W [rows, cols] on a per-row grid whose range is tuned to minimise sum |w - w_hat|^norm, the
+    temporary grid of the OWQ reference (xvyaward/owq quant.py Quantizer.find_params, mse=True, num=40, p=2.4) that
+    OWQ's weak-column sensitivity uses: candidate ranges max_range * i / num (i = 1..num); symmetric: scale =
+    range / 2^(b-1), codes -2^(b-1)..2^(b-1)-1; asymmetric: range [0, r] shifted by every zero point 0..2^b-1."""
+    x = w.detach().float()
+    eps = torch.tensor(1e-8, device=x.device)
+    zero_t = torch.zeros(x.shape[0], device=x.device)
+    xmin, xmax = torch.minimum(x.min(1).values, zero_t), torch.maximum(x.max(1).values, zero_t)
+    best = torch.full_like(xmin, float("inf"))
+    if sym:
+        minq, maxq = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        xrange = torch.maximum(xmin.abs(), xmax)
+        best_max = xrange.clone()
+        for i in range(1, num + 1):
+            tmp_max = xrange / num * i
+            scale = torch.maximum(tmp_max / -minq, eps)[:, None]
+            score = ((torch.clamp(torch.round(x / scale), minq, maxq) * scale - x).abs() ** norm).mean(1)
+            best_max = torch.where(score < best, tmp_max, best_max)
+            best = torch.minimum(score, best)
+        scale = torch.maximum(best_max / -minq, eps)[:, None]
+        return torch.clamp(torch.round(x / scale), minq, maxq) * scale
+    maxq = 2 ** bits - 1
+    xrange = xmax - xmin
+    best_min, best_max = xmin.clone(), xmax.clone()
+    for i in range(1, num + 1):
+        tmp_max = xrange / num * i
+        delta = torch.maximum(tmp_max / maxq, eps)
+        x_round = torch.round(x / delta[:, None])
+        for zp in range(0, maxq + 1):
+            new_min, new_max = -zp * delta, tmp_max - zp * delta
+            zero = torch.clamp(-torch.round(new_min / delta), 0, maxq)[:, None]
+            score = (((torch.clamp(x_round + zero, 0, maxq) - zero) * delta[:, None] - x).abs() ** norm).mean(1)
+            better = score < best
+            best_min, best_max = torch.where(better, new_min, best_min), torch.where(better, new_max, best_max)
+            best = torch.minimum(best, score)
+    lo, hi = torch.minimum(best_min, zero_t), torch.maximum(best_max, zero_t)
+    scale = torch.maximum((hi - lo) / maxq, eps)[:, None]
+    zero = torch.clamp(-torch.round(lo[:, None] / scale), 0, maxq)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero) * scale
 
 
 # ---------------------------------------------------------------------------------------------------------------

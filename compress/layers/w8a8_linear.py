@@ -1,8 +1,9 @@
 """The W8A8 linear layer (int8 weights and activations, int32 products; the arithmetic is compress.kernels.int8).
 
-* `W8A8Linear`: int8 weights per output channel (float16 scales), int8 activations per token (dynamic, scale from
+* `W8A8Linear`: int8 weights per output channel or per tensor (float16 scales; SmoothQuant's O1-O3 use per-tensor
+  weight scales), int8 activations per token (dynamic, scale from
   each token's abs-max at run time) or per tensor (static, scale calibrated on the calibration set), the product in
-  int32, rescaled to float once. Stored as it runs: `weight` int8 [out, in], `weight_scale` float16 [out, 1],
+  int32, rescaled to float once. Stored as it runs: `weight` int8 [out, in], `weight_scale` float16 [out, 1] ([1, 1] per tensor),
   `input_scale` float32 [1] (static only), `bias` in the compute dtype.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from compress.kernels.int8 import INT8_MAX, absmax_scale, int8_matmul, quantize_
 from compress.kernels.quant_grid import SCALE_DTYPE, round_scale
 
 ACT_SCHEMES = ("per-token", "per-tensor")
+WEIGHT_SCHEMES = ("per-channel", "per-tensor")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -26,14 +28,18 @@ class W8A8Linear(nn.Module):
     module_type = "w8a8_linear"
 
     def __init__(self, in_features: int, out_features: int, *, act_scheme: str = "per-token", bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, weight_scheme: str = "per-channel"):
         super().__init__()
         if act_scheme not in ACT_SCHEMES:
             raise ValueError(f"activation scheme {act_scheme!r}: use one of {ACT_SCHEMES}")
+        if weight_scheme not in WEIGHT_SCHEMES:
+            raise ValueError(f"weight scheme {weight_scheme!r}: use one of {WEIGHT_SCHEMES}")
         self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
+        self.weight_scheme = weight_scheme
         self.compute_dtype = dtype
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=SCALE_DTYPE, device=device))
+        n_scales = out_features if weight_scheme == "per-channel" else 1
+        self.register_buffer("weight_scale", torch.ones(n_scales, 1, dtype=SCALE_DTYPE, device=device))
         if act_scheme == "per-tensor":
             self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device))
         else:
@@ -42,13 +48,16 @@ class W8A8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, act_scheme: str = "per-token",
-                   input_absmax: float | torch.Tensor | None = None, dtype: torch.dtype | None = None) -> "W8A8Linear":
-        """Quantize W [out, in] per output channel (absmax / 127, scale rounded to float16 first, then the codes);
-        a per-tensor activation scheme needs the calibrated input abs-max."""
+                   input_absmax: float | torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                   weight_scheme: str = "per-channel") -> "W8A8Linear":
+        """Quantize W [out, in] per output channel or per tensor (absmax / 127, scale rounded to float16 first, then
+        the codes); a per-tensor activation scheme needs the calibrated input abs-max."""
         out_f, in_f = weight.shape
         dtype = dtype or weight.dtype
-        mod = cls(in_f, out_f, act_scheme=act_scheme, bias=bias is not None, dtype=dtype, device=weight.device)
-        w_scale = round_scale(absmax_scale(weight, dim=1))  # [out, 1], values exactly as stored
+        mod = cls(in_f, out_f, act_scheme=act_scheme, bias=bias is not None, dtype=dtype, device=weight.device,
+                  weight_scheme=weight_scheme)
+        w_scale = round_scale(absmax_scale(weight, dim=1) if weight_scheme == "per-channel" else
+                              absmax_scale(weight.reshape(1, -1), dim=1))  # [out, 1] or [1, 1], values as stored
         mod.weight.copy_(quantize_int8(weight, w_scale))
         mod.weight_scale.copy_(w_scale.to(SCALE_DTYPE))
         if act_scheme == "per-tensor":
@@ -89,11 +98,13 @@ class W8A8Linear(nn.Module):
 
     def module_config(self) -> dict:
         return {"type": self.module_type, "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None, "act_scheme": self.act_scheme}
+                "out_features": self.out_features, "bias": self.bias is not None, "act_scheme": self.act_scheme,
+                **({} if self.weight_scheme == "per-channel" else {"weight_scheme": self.weight_scheme})}
 
     @classmethod
     def from_module_config(cls, cfg: dict, dtype: torch.dtype) -> "W8A8Linear":
-        return cls(cfg["in_features"], cfg["out_features"], act_scheme=cfg["act_scheme"], bias=cfg.get("bias", False), dtype=dtype)
+        return cls(cfg["in_features"], cfg["out_features"], act_scheme=cfg["act_scheme"], bias=cfg.get("bias", False), dtype=dtype,
+                   weight_scheme=cfg.get("weight_scheme", "per-channel"))
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, w8 per-channel, a8 {self.act_scheme}"
+        return f"in={self.in_features}, out={self.out_features}, w8 {self.weight_scheme}, a8 {self.act_scheme}"

@@ -56,6 +56,8 @@ class Method:
     Config: type[MethodConfig] = MethodConfig
     needs: Needs = Needs()
     layerwise: bool = False
+    # Options --paper-protocol sets where a stage does not: the reference code's choices behind the paper's numbers.
+    paper_options: dict[str, Any] = {}
     # True-sequential order inside a block (GPTQ's option): gather statistics group by group, each group seeing the
     # already-compressed outputs of the groups before it. Methods may ignore it.
     true_sequential: bool = False

@@ -23,6 +23,7 @@ import torch
 from compress.core.errors import ConfigError
 from compress.core.readers import read_yaml
 from compress.layers.kernels import select_kernels
+from compress.formats.base import record_stages
 from compress.pipeline.engine import Engine
 from compress.pipeline.method import Method, build_method
 
@@ -139,6 +140,7 @@ class Recipe:
                 model = stage.finalize(model, ctx)
                 i += 1
         select_kernels(model)  # the compressed layers' integer kernels (or their fallback), said on screen
+        record_stages(model, self.specs())  # what the exports write as the run's settings (GPTQ quantize_config)
         return model
 
     def report(self) -> dict[str, Any]:

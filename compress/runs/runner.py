@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from compress.core.errors import CompressError, ConfigError, Interrupted
+from compress.core.errors import CompressError, ConfigError, DataError, Interrupted
 from compress.evals.baselines import cached_baseline, remember_baseline
+from compress.evals.coverage import block_coverage, coverage_summary, refuse_fused_experts
 from compress.evals.perplexity import perplexity, prepare, protocol_key
 from compress.evals.size import size_report
 from compress.formats import check_output_dir, save_checkpoint
@@ -20,7 +21,7 @@ from compress.layers.kernels import select_kernels
 from compress.layers.quant_embedding import quantize_embeddings
 from compress.pipeline.recipe import Recipe, RunContext
 from compress.runs.results import append_record, environment, new_run_id, now_iso, peak_memory, read_records
-from compress.runs.spec import RunSpec
+from compress.runs.spec import RunSpec, apply_paper_protocol
 from compress.sources.data import (check_calibration_supply, eval_text, get_calibration, resolve_data_dir,
                                    with_pydoc_fallback)
 from compress.sources.models import (ModelFacts, check_context, inspect_model, load_model, load_tokenizer,
@@ -42,6 +43,8 @@ def default_output(spec: RunSpec, recipe) -> str:
 
 def validate(spec: RunSpec):
     """Check every input before anything is loaded or written. Returns (recipe, output folder or None)."""
+    if spec.paper_protocol:
+        apply_paper_protocol(spec)
     recipe = Recipe.from_specs(spec.stages) if spec.stages else None
     if spec.kind != "eval" and recipe is None:
         raise ConfigError("no method given")
@@ -93,8 +96,13 @@ def validate(spec: RunSpec):
     if calibrates:
         tok = load_tokenizer(facts)
         if tok is not None:
-            check_calibration_supply(spec.calib, tok, nsamples=spec.nsamples, seqlen=spec.seqlen,
-                                     data_dir=spec.data_dir, fallback=fallback)
+            try:
+                check_calibration_supply(spec.calib, tok, nsamples=spec.nsamples, seqlen=spec.seqlen,
+                                         data_dir=spec.data_dir, fallback=fallback and not spec.paper_protocol)
+            except DataError as e:
+                if not spec.paper_protocol:
+                    raise
+                raise DataError(f"--paper-protocol (C4, 128 x 2048 tokens) cannot be met: {e}") from None
     return recipe, output
 
 
@@ -218,7 +226,8 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
     calib = None
     if recipe.needs_calibration:
         calib = get_calibration(spec.calib, tok, nsamples=spec.nsamples, seqlen=spec.seqlen, seed=spec.seed,
-                                data_dir=spec.data_dir, model=model, fallback=spec.data_dir is None)
+                                data_dir=spec.data_dir, model=model,
+                                fallback=spec.data_dir is None and not spec.paper_protocol)
         if calib.source.fallback_from:
             log.warning("calibrating on pydoc text instead of %s", calib.source.fallback_from)
     ctx = RunContext(tokenizer=tok, device=device, calibration=calib, data_dir=spec.data_dir, seed=spec.seed,
@@ -226,6 +235,8 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
                      model_spec=spec.model, model_dtype=next(model.parameters()).dtype)
     if spec.teacher:
         ctx.teacher = load_model(spec.teacher, dtype=spec.dtype, device="cpu")
+    if any(st.family in ("quantization", "pruning") for st in recipe.stages):
+        refuse_fused_experts(model, recipe.method_name)
     torch.manual_seed(spec.seed)
     t0 = time.perf_counter()
     model = recipe.run(model, ctx)
@@ -236,6 +247,8 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
                  " (the tied head reads the same codes)" if embeddings["tied_head"] else "")
         select_kernels(model)
         record["setting"] = f"{record['setting']} + embeddings {embeddings['grid']}"
+    coverage = block_coverage(model)
+    log.info("coverage of the decoder blocks: %s", coverage_summary(coverage))
     compress_seconds = time.perf_counter() - t0
     log.info("%s finished in %.1f s", recipe.label(), compress_seconds)
     model.to(device)
@@ -246,6 +259,10 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
         "metrics": {"before": before, "after": after},
         "compress_seconds": round(compress_seconds, 2),
         "details": {**recipe.report(), **({"quantize_embeddings": embeddings} if embeddings else {})},
+        "coverage": {"compressed_modules": coverage["compressed_modules"],
+                     "compressed_params": coverage["compressed_params"],
+                     "kept": {k: len(v) for k, v in coverage["kept"].items()},
+                     "summary": coverage_summary(coverage)},
     })
     if output:
         provenance = {k: record[k] for k in ("run_id", "time", "model", "method", "setting", "recipe", "calibration")}
@@ -324,6 +341,8 @@ def print_summary(record: dict[str, Any], console) -> None:
     t.add_row("bytes in memory", _fmt_bytes(sb.get("memory_bytes")), _fmt_bytes(size.get("memory_bytes")), "")
     if "checkpoint_bytes" in size:
         t.add_row("checkpoint on disk", "", _fmt_bytes(size["checkpoint_bytes"]), f"{size.get('bits_per_param')} bits/param")
+    if record.get("coverage"):
+        t.add_row("decoder-block coverage", "", "", record["coverage"]["summary"])
     console.print(t)
     extra = []
     if record.get("compress_seconds") is not None:

@@ -47,6 +47,9 @@ class RunSpec:
     nsamples: int = option(128, "calibration sequences")
     seqlen: int = option(512, "tokens per calibration sequence")
     seed: int = option(0, "seed for calibration sampling and training")
+    paper_protocol: bool = option(False, "the papers' calibration: --calib c4 --nsamples 128 --seqlen 2048, and each "
+                                         "method's reference-code options (OWQ: --allocation/--sensitivity-grid "
+                                         "reference) unless given")
     data_dir: str | None = option(None, "local data kit folder (else $COMPRESS_DATA_DIR, else ~/.cache/compress/data, "
                                   "else the hub)", verbs=BOTH)
     eval: list[str] = option(help="perplexity datasets, comma-separated (wikitext2, wikitext2-v1, ptb, c4, pydoc, "
@@ -103,6 +106,29 @@ class RunSpec:
                                   f"known: {', '.join(sorted(known))}")
             kw[name] = coerce(known[name], value)
         return cls(**kw, **fixed)
+
+
+# The calibration of GPTQ, AWQ, OWQ, SparseGPT, Wanda, OWL...: 128 random windows of 2048 tokens of C4's train split.
+PAPER_PROTOCOL = {"calib": "c4", "nsamples": 128, "seqlen": 2048}
+
+
+def apply_paper_protocol(spec: RunSpec) -> None:
+    """--paper-protocol: set the papers' calibration (a conflicting value the user gave is refused) and each stage's
+    method's `paper_options` where the stage does not set them. In place."""
+    from compress.pipeline.method import METHODS  # here, not at the top: `compress --help` reads this module
+
+
+    defaults = {f.name: f.default for f in dataclasses.fields(RunSpec)}
+    for name, value in PAPER_PROTOCOL.items():
+        given = getattr(spec, name)
+        if given not in (defaults[name], value):
+            raise ConfigError(f"--paper-protocol sets --{name.replace('_', '-')} {value}; drop --{name.replace('_', '-')} "
+                              f"{given!r} or --paper-protocol")
+        setattr(spec, name, value)
+    for stage in spec.stages:
+        cls = METHODS.get(stage.get("method")) if stage.get("method") in METHODS else None
+        for key, value in (getattr(cls, "paper_options", None) or {}).items():
+            stage.setdefault(key, value)
 
 
 def run_fields(verb: str | None = None) -> list[dataclasses.Field]:
