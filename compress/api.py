@@ -3,7 +3,7 @@
 
     import compress
     m = compress.load("smollm2")                                   # model, tokenizer, source, fingerprint
-    calib = compress.calibration(m.tokenizer, "wikitext2", nsamples=128, seqlen=512)
+    calib = compress.calibration(m.tokenizer, "c4", nsamples=128, seqlen=512)
     model = compress.apply(m.model, "gptq", calibration=calib, tokenizer=m.tokenizer, bits=4, group_size=128)
     ppl = compress.evaluate(model, m.tokenizer, "wikitext2", seqlen=2048, windows=32)   # value + protocol
     compress.save(model, m.tokenizer, "checkpoints/smollm2-gptq-w4", exports=["gptq"])
@@ -40,7 +40,7 @@ def load(model: str = "smollm2", *, dtype: str | torch.dtype = "auto") -> Loaded
     return load_model(model, dtype=dtype, device="cpu")
 
 
-def calibration(tokenizer: Any, source: str = "wikitext2", *, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+def calibration(tokenizer: Any, source: str = "c4", *, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
                 data_dir: str | None = None, model: nn.Module | None = None) -> Calibration:
     """`nsamples` calibration sequences of `seqlen` tokens from `source` (wikitext2, ptb, c4, pydoc, file:PATH, or
     generated with `model`), deterministic for `seed`. `.input_ids` [N, L] and `.record()` (its protocol)."""

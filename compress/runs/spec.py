@@ -42,8 +42,8 @@ class RunSpec:
                         "default)", verbs=BOTH, short="-m")
     dtype: str = option("auto", "compute dtype: auto (bfloat16), float32, bfloat16, float16", verbs=BOTH)
     device: str = option("auto", "auto (CUDA when present), cpu, cuda[:N]", verbs=BOTH)
-    calib: str = option("wikitext2", "calibration source: wikitext2, wikitext2-v1, ptb, c4, pydoc, generated, "
-                        "file:PATH")
+    calib: str = option("c4", "calibration source (C4 train, as the papers calibrate; never the evaluation text): c4, "
+                        "wikitext2, wikitext2-v1, ptb, pydoc, generated, file:PATH")
     nsamples: int = option(128, "calibration sequences")
     seqlen: int = option(512, "tokens per calibration sequence")
     seed: int = option(0, "seed for calibration sampling and training")

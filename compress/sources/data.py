@@ -277,15 +277,16 @@ def calib_text(name: str, data_dir: str | os.PathLike | None = None) -> TextSour
 
 
 def with_pydoc_fallback(loader: Callable[[str], TextSource], name: str) -> TextSource:
-    """Load `name`; if it is wikitext2 and has neither a local copy nor a reachable hub, use pydoc and say so."""
+    """Load `name`; if it is a default source (wikitext2 for evaluation, c4 for calibration) and has neither a local
+    copy nor a reachable hub, use pydoc and say so."""
     try:
         return loader(name)
     except DataError as e:
-        if name != "wikitext2" or os.environ.get("COMPRESS_DATA_DIR"):
+        if name not in ("wikitext2", "c4") or os.environ.get("COMPRESS_DATA_DIR"):
             raise
-        log.warning("wikitext2 unavailable (%s); falling back to the embedded pydoc corpus", e)
+        log.warning("%s unavailable (%s); falling back to the embedded pydoc corpus", name, e)
         src = loader("pydoc")
-        src.fallback_from = "wikitext2"
+        src.fallback_from = name
         return src
 
 

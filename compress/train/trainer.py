@@ -280,8 +280,8 @@ class Trainer:
 
 
 def training_source(ctx: Any) -> str:
-    """The text a training-aware method reads by default: the run's calibration source (wikitext2 without one)."""
-    return ctx.calibration.source.name if ctx.calibration is not None else "wikitext2"
+    """The text a training-aware method reads by default: the run's calibration source (C4 without one)."""
+    return ctx.calibration.source.name if ctx.calibration is not None else "c4"
 
 
 @torch.no_grad()
