@@ -79,7 +79,7 @@ def main() -> None:
     threads = args.threads
     print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}  commit {commit}  "
           f"llama-cpp-python {llama_cpp.__version__}  {threads} threads\nload: {uptime}")
-    print(f"model SmolLM2-135M-Instruct (float32 in compress); calibration wikitext2 train {args.nsamples} x "
+    print(f"model SmolLM2-135M-Instruct (float32 in compress); calibration c4 train {args.nsamples} x "
           f"{args.seqlen} (seed 0); perplexity wikitext2 raw test, seqlen {args.eval_seqlen}, {args.eval_windows} "
           "windows, the model's tokenizer, measured by llama.cpp", flush=True)
     loaded = load_model("smollm2", dtype="float32")
@@ -103,7 +103,7 @@ def main() -> None:
     print(f"{'row':<18}{'llama.cpp ppl':>12}{'size':>14}{'dec tok/s':>10}{'compress ppl':>13}  tensor types", flush=True)
     f16 = out / "f16.gguf"
     write_gguf(loaded.model, tok, f16, name="SmolLM2-135M-Instruct")  # llama.cpp's quantizer starts from this file
-    calib = get_calibration("wikitext2", tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=data_dir)
+    calib = get_calibration("c4", tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=data_dir)
     names = ["F16", *[f"llama.cpp {ft}" for ft in THEIRS], *OURS]
     order = [n.strip() for n in args.only.split(",")] if args.only else names
     unknown = [n for n in order if n not in names]
