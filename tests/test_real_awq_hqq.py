@@ -40,8 +40,8 @@ def _ppl(real_loaded, calib, key, *stages):
         "HQQ's l_p<1 weight fit does not beat min/max RTN on this model: on this protocol (both calibration-free) "
         "HQQ w3 g64 (the reference's iterations, zero rounded) gave 107.9 vs RTN 106.1 (the integer solver 121.0 vs 105.8 "
         "in the one-thread probe), "
-        "and the hqq package's own result (float zero, its 0.2.8 defaults) 315.0; the peer bench and "
-        "docs/benchmarks.md have seqlen 2048"))),
+        "and the hqq package's own solver (float zero, its 0.2.8 defaults) 315.0 in that probe; "
+        "docs/benchmarks.md, HQQ section"))),
     ("rtn act-mse", [{"method": "rtn", "observer": "act-mse"}]),
     ("awq", [{"method": "awq", "n_grid": 10}]),
 ])
