@@ -1,9 +1,10 @@
 """HQQ, Half-Quadratic Quantization (Badri & Shaji 2023, mobiusml.github.io/hqq_blog): calibration-free weight
 quantization. Per group, the zero point (and, by default, the scale) of the grid minimise the l_p<1 (p = 0.7) error
 of the weights, by the paper's half-quadratic shrinkage iterations (compress.kernels.hqq; beta 10, kappa 1.01, 20
-iterations) on the integer grid of RTN/GPTQ: the zero projected onto the integers after each update and the scale
-solved by least squares too (--float-zero: the reference's continuous-zero iterations, then one projection), so the
-result is an ordinary QuantLinear and every export and kernel reads it. No calibration data.
+iterations): by default the reference's own iterations (the hqq package's: scale fixed, the zero continuous, stopping
+when the matrix's mean |W - W_hat| stops falling), then the zero rounded onto the integer grid of RTN/GPTQ
+(--solver integer: iterate on the integer grid, the scale solved by least squares too), so the result is an ordinary
+QuantLinear and every export and kernel reads it. No calibration data.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from compress.core.config import option
 from compress.core.errors import ConfigError
-from compress.kernels.hqq import HQQParams, hqq_quantize
+from compress.kernels.hqq import SOLVERS, HQQParams, hqq_quantize
 from compress.kernels.quant_grid import WeightQuantConfig
 from compress.layers.quant_linear import QuantLinear
 from compress.layers.weights import linear_weight
@@ -24,11 +25,12 @@ class HQQConfig(WeightQuantConfig):
     beta: float = option(10.0, "initial beta of the half-quadratic splitting", range=(1e-6, None))
     kappa: float = option(1.01, "beta's growth factor per iteration", range=(1.0, None))
     iters: int = option(20, "solver iterations per group", range=(0, 1000))
-    float_zero: bool = option(False, "the reference's iterations (zero continuous, scale fixed), then the projection onto "
-                                    "the integer grid (zero floor/ceil, scale refit by least squares to the codes); "
-                                    "default: iterate on the integer grid itself (measured better on SmolLM2 w3 g64)")
-    optimize_scale: bool = option(True, "integer iterations: also solve for the scale each iteration (the integer "
-                                        "zero alone rarely moves)")
+    solver: str = option("reference", "reference: the hqq package's iterations (float zero, scale fixed, early stop on "
+                                      "the matrix's mean |error|), then the zero rounded to the integer grid; integer: "
+                                      "iterate on the integer grid (zero rounded each step, scale solved too), each "
+                                      "group keeping its best l_p iterate", choices=SOLVERS)
+    optimize_scale: bool = option(True, "integer solver: also solve for the scale each iteration (the integer zero "
+                                        "alone rarely moves)")
 
     def check(self) -> None:
         super().check()
@@ -36,7 +38,7 @@ class HQQConfig(WeightQuantConfig):
             raise ConfigError(f"observer {self.observer!r}: hqq starts its solver from the min/max grid; allowed: minmax")
 
     def params(self) -> HQQParams:
-        return HQQParams(self.lp, self.beta, self.kappa, self.iters, self.optimize_scale, self.float_zero)
+        return HQQParams(self.lp, self.beta, self.kappa, self.iters, self.optimize_scale, self.solver)
 
 
 @register("hqq", family="quantization", summary="HQQ: calibration-free half-quadratic l_p<1 fit of each group's zero/scale",
@@ -48,7 +50,7 @@ class HQQ(Method):
 
     def describe(self) -> str:
         c = self.config
-        return c.spec().label() + f" p{c.lp:g}" + (" float-zero" if c.float_zero else ("" if c.optimize_scale else " zero-only"))
+        return c.spec().label() + f" p{c.lp:g}" + ("" if c.solver == "reference" else " integer" + ("" if c.optimize_scale else " zero-only"))
 
     def compress_linear(self, name, linear, stats):
         weight = linear_weight(linear)

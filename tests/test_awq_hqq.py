@@ -8,7 +8,7 @@ import torch
 
 from compress.core.errors import ConfigError
 from compress.kernels.hqq import HQQParams, hqq_params, hqq_quantize, lp_objective
-from compress.kernels.quant_grid import (OBSERVERS, QuantSpec, find_params, params_from_range, rtn_quantize,
+from compress.kernels.quant_grid import (OBSERVERS, QuantSpec, find_params, params_from_range, round_scale, rtn_quantize,
                                          weighted_sq_error)
 from compress.layers.quant_linear import QuantLinear
 from compress.pipeline.engine import Engine
@@ -117,14 +117,12 @@ def test_awq_bad_options():
 
 
 # ---- HQQ --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits,sym,float_zero,opt_scale", [(4, False, True, True), (3, False, True, True),
-                                                            (2, False, True, True), (4, True, True, True),
-                                                            (3, False, False, True), (4, False, False, True)])
-def test_hqq_objective_never_increases(bits, sym, float_zero, opt_scale):
+@pytest.mark.parametrize("bits,sym,opt_scale", [(4, True, True), (3, False, True), (4, False, True), (2, False, True)])
+def test_hqq_integer_solver_objective_never_increases(bits, sym, opt_scale):
     torch.manual_seed(bits)
     w = torch.randn(32, 64) * torch.linspace(0.1, 3, 64)  # 32 random groups of 64
     spec = QuantSpec(bits, 64, sym)
-    scale, zero, trace = hqq_params(w, spec, HQQParams(optimize_scale=opt_scale, float_zero=float_zero))
+    scale, zero, trace = hqq_params(w, spec, HQQParams(optimize_scale=opt_scale, solver="integer"))
     assert len(trace) == 21
     assert all(b <= a for a, b in zip(trace, trace[1:])), trace
     assert trace[-1] < trace[0]  # the solver does move
@@ -132,11 +130,51 @@ def test_hqq_objective_never_increases(bits, sym, float_zero, opt_scale):
     final = lp_objective(w, scale, zero, spec.maxq, 0.7)
     assert torch.all(final <= lp_objective(w, s0, z0, spec.maxq, 0.7))  # the stored grid never worse than min/max
     assert final.sum() < lp_objective(w, s0, z0, spec.maxq, 0.7).sum()
-    if not float_zero or sym:  # iterations on the integer grid: the trace is the stored grid's objective
-        assert trace[-1] == pytest.approx(float(final.sum()))
+    assert trace[-1] == pytest.approx(float(final.sum()))  # the trace is the stored grid's objective
     assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= spec.maxq
     if sym:
         assert torch.all(zero == 2 ** (bits - 1))
+
+
+def _reference_solver(w, bits, iters=20, lp=0.7, beta=10.0, kappa=1.01):
+    """hqq 0.2.8's optimize_weights_proximal_legacy as Quantizer.quantize calls it (axis=1), written out step by step
+    from its source, with the best iterate kept: (inverse scale, float zero, errors)."""
+    maxq = 2**bits - 1
+    mn, mx = w.min(1, keepdim=True)[0], w.max(1, keepdim=True)[0]
+    inv = (maxq / (mx - mn)).clamp(max=2e4)
+    zero = -mn * inv
+    zero = torch.round(zero) if bits == 4 else zero
+    best, best_zero, errs = float("inf"), zero, []
+    for _ in range(iters):
+        wq = torch.round(w * inv + zero).clamp(0, maxq)
+        wr = (wq - zero) / inv
+        err = float((w - wr).abs().mean())
+        if err >= best:
+            break
+        best, best_zero = err, zero
+        errs.append(err)
+        x = w - wr
+        we = torch.sign(x) * torch.relu(x.abs() - (1 / beta) * x.abs().pow(lp - 1))
+        zero = torch.mean(wq - (w - we) * inv, 1, keepdim=True)
+        beta *= kappa
+    return inv, best_zero, errs
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_hqq_reference_solver_follows_the_package_and_never_increases(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(32, 64) * torch.linspace(0.1, 3, 64)
+    spec = QuantSpec(bits, 64)
+    scale, zero, trace = hqq_params(w, spec, HQQParams())  # the default solver
+    inv, zf, errs = _reference_solver(w, bits)
+    assert trace == pytest.approx(errs, rel=1e-4, abs=1e-7)
+    assert 2 <= len(trace) <= 20 and all(b < a for a, b in zip(trace, trace[1:]))  # it moves, and never up
+    assert torch.equal(zero, zf.squeeze(1).round().clamp(0, spec.maxq))  # the float zero, rounded onto the grid
+    assert torch.equal(scale, round_scale(1 / inv.squeeze(1)))
+    # on the integer grid the result is an ordinary min/max-scale grid with a moved zero
+    assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= spec.maxq
+    with pytest.raises(ConfigError, match="solver 'float'"):
+        HQQParams(solver="float")
 
 
 def test_hqq_quantize_grid_and_short_last_group():
@@ -148,9 +186,12 @@ def test_hqq_quantize_grid_and_short_last_group():
     # the short last group (4 columns) is solved on its own
     s, z, _ = hqq_params(w[:, 96:], spec)
     assert torch.equal(qw.scales[:, 3].float(), s) and torch.equal(qw.zeros[:, 3].float(), z)
-    # codes are round-to-nearest on the chosen grid, and the l_p error is below min/max RTN's
+    # codes are round-to-nearest on the chosen grid
+    sc, zc = qw.scales.float()[:, qw.g_idx.long()], qw.zeros.float()[:, qw.g_idx.long()]
+    assert torch.equal(qw.codes.float(), torch.clamp(torch.round(w / sc) + zc, 0, spec.maxq))
+    # the integer solver keeps each group's best l_p iterate: its l_p error is below min/max RTN's
     err = lambda v: float((v - w).abs().pow(0.7).sum())  # noqa: E731
-    assert err(qw.dequantize()) < err(rtn_quantize(w, spec).dequantize())
+    assert err(hqq_quantize(w, spec, HQQParams(solver="integer")).dequantize()) < err(rtn_quantize(w, spec).dequantize())
 
 
 # ---- observers --------------------------------------------------------------------------------------------------

@@ -11,18 +11,29 @@ split half-quadratically with an auxiliary W_e (the error), solved by alternatin
     s   <- <W - W_e, q - z> / <q - z, q - z>     (optional: the scale's least-squares solution given q and z)
     beta <- kappa * beta
 
-with the reference's p = 0.7, beta = 10, kappa = 1.01, 20 iterations, started from min/max. The zero point is kept an
-integer (the project's one grid, so every export and kernel reads the result); the reference keeps it in float. Each
-group keeps the best iterate by the objective, so the objective of the returned grid never increases over iterations.
+with the reference's p = 0.7, beta = 10, kappa = 1.01, 20 iterations, started from min/max. Two solvers:
+* "reference" (the default): the hqq package's own iterations (0.2.8, `Quantizer.quantize(optimize=True)`, axis=1):
+  scale fixed at min/max, the zero continuous, the shift applied in float (round(W / s + z)), stopping at the first
+  iteration whose mean |W - W_hat| over the whole matrix does not decrease; then the zero rounded to the nearest
+  integer (the project's one grid, so every export and kernel reads the result; the reference keeps it in float).
+* "integer": the iterations on the integer grid itself: the zero rounded after each update, the scale solved by
+  least squares too, each group keeping its best iterate by the l_p objective over all iterations.
+Either way the objective the solver tracks never increases over the iterations (the trace). A symmetric grid's zero
+is fixed, so there only the integer solver's scale update runs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from compress.core.errors import ConfigError
 from compress.kernels.obs import single_thread
 from compress.kernels.quant_grid import SCALE_DTYPE, QuantizedWeight, QuantSpec, params_from_range, round_scale
+
+
+SOLVERS = ("reference", "integer")
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,11 @@ class HQQParams:
     kappa: float = 1.01  # beta's growth per iteration
     iters: int = 20
     optimize_scale: bool = True  # integer iterations: also solve for the scale given the codes and zero
-    float_zero: bool = False  # the reference's iterations (float zero, scale fixed), then the projection onto the grid
+    solver: str = "reference"  # the reference's iterations (float zero, scale fixed) then the zero rounded; or "integer"
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"hqq solver {self.solver!r} is not known; allowed: {', '.join(SOLVERS)}")
 
 
 def lp_objective(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, p: float) -> torch.Tensor:
@@ -47,54 +62,49 @@ def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _float_zero_then_project(w, scale, zero, spec, hp):
-    """The reference's solver (zero continuous, scale fixed at min/max), keeping each row's best iterate, then the
-    projection onto the integer grid: z in {floor z*, ceil z*}, each with the scale refit by least squares to the
-    solver's codes, s = <W, q - z> / ||q - z||^2; the candidate (or the min/max start) with the least l_p error wins.
-    The trace is the solver's (float zero)."""
+def _reference_then_round(w, spec, hp):
+    """The reference's solver (hqq 0.2.8 `optimize_weights_proximal_legacy`, called by `Quantizer.quantize` with
+    `optimize=True`, axis=1), then the zero rounded onto the integer grid. As the reference: inverse scale
+    maxq / (max - min) fixed at min/max (1 where max - min <= 1e-4, at most 2e4), zero -min * that, rounded first for
+    4 bits (its `round_zero` default), codes round(W s^-1 + z) with the shift in float, W_e <- shrink_p(W - W_r, beta),
+    z <- mean(W_q - (W - W_e) s^-1), beta <- kappa beta, stopping at the first iteration whose mean |W - W_r| over all
+    the rows given (the whole matrix's groups, as the reference) does not decrease. Differences: the best iterate is
+    kept (the reference returns the zero computed one step after it), and the zero is then rounded to the nearest
+    integer in 0..maxq with the scale (max - min) / maxq in float16, so the grid is the shared integer one.
+    The trace is that mean |W - W_r| of the kept iterate after each iteration run (index 0: the start)."""
     maxq = spec.maxq
-    s0, z0 = scale, zero
-    best = best_z = None
+    wmin, wmax = w.min(dim=1).values, w.max(dim=1).values
+    denom = wmax - wmin
+    inv = torch.where(denom.abs() <= 1e-4, torch.ones_like(denom), maxq / denom).clamp(max=2e4)
+    zero = -wmin * inv
+    if spec.bits == 4:
+        zero = torch.round(zero)
+    best, best_z = math.inf, zero
     trace: list[float] = []
     beta = hp.beta
-    for it in range(hp.iters + 1):
-        q = torch.clamp(torch.round(w / scale[:, None] + zero[:, None]), 0, maxq)
-        r = w - scale[:, None] * (q - zero[:, None])
-        obj = r.abs().pow(hp.lp).sum(dim=1)
-        if best is None:
-            best, best_z = obj, zero.clone()
-        else:
-            better = obj < best
-            best, best_z = torch.where(better, obj, best), torch.where(better, zero, best_z)
-        trace.append(float(best.sum()))
-        if it == hp.iters:
+    for _ in range(hp.iters):
+        q = torch.clamp(torch.round(w * inv[:, None] + zero[:, None]), 0, maxq)
+        r = w - (q - zero[:, None]) / inv[:, None]
+        err = float(r.abs().mean())
+        if err >= best:
             break
-        target = w - _shrink(r, beta, hp.lp)
-        zero = (q - target / scale[:, None]).mean(dim=1)  # the zero's closed form (float)
+        best, best_z = err, zero
+        trace.append(err)
+        zero = (q - (w - _shrink(r, beta, hp.lp)) * inv[:, None]).mean(dim=1)  # the zero's closed form (float)
         beta *= hp.kappa
-    q = torch.clamp(torch.round(w / scale[:, None] + best_z[:, None]), 0, maxq)
-    out_s, out_z = s0.clone(), z0.clone()
-    out_obj = lp_objective(w, s0, z0, maxq, hp.lp)
-    for zc in (torch.floor(best_z), torch.ceil(best_z)):
-        zc = zc.clamp(0, maxq)
-        d = q - zc[:, None]
-        den = (d * d).sum(dim=1)
-        sc = (w * d).sum(dim=1) / den.clamp(min=1e-12)
-        sc = torch.where((den > 0) & (sc > 0), round_scale(sc), s0)
-        obj = lp_objective(w, sc, zc, maxq, hp.lp)
-        better = obj < out_obj
-        out_obj, out_s, out_z = torch.where(better, obj, out_obj), torch.where(better, sc, out_s), torch.where(better, zc, out_z)
-    return out_s, out_z, trace
+    scale = torch.where(denom.abs() <= 1e-4, torch.ones_like(denom), round_scale(1.0 / inv))
+    return scale, torch.round(best_z).clamp(0, maxq), trace
 
 
 def hqq_params(w: torch.Tensor, spec: QuantSpec, hp: HQQParams = HQQParams()) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Scale and integer zero per row of w [rows, cols] (float32) by the HQQ solver; also the objective (sum over rows of
-    the l_p error) of the kept grid after each iteration (index 0: min/max)."""
+    """Scale and integer zero per row of w [rows, cols] (float32) by the HQQ solver; also the objective the solver
+    tracks after each iteration (index 0: the start): the reference solver's mean |W - W_hat| over all rows (float
+    zero, before the rounding), or the integer solver's sum over rows of the l_p error of the kept grid."""
     w = w.float()
     maxq = spec.maxq
     scale, zero = params_from_range(w.min(dim=1).values, w.max(dim=1).values, spec)
-    if hp.float_zero and not spec.sym:
-        return _float_zero_then_project(w, scale, zero, spec, hp)
+    if hp.solver == "reference" and not spec.sym:
+        return _reference_then_round(w, spec, hp)
     best = best_s = best_z = None
     trace: list[float] = []
     beta = hp.beta
