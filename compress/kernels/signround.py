@@ -7,8 +7,8 @@ and alpha, beta in [0.5, 1] (one pair per group):
     s = (alpha max(W, 0) - beta min(W, 0)) / (2^b - 1),  zp = round(-beta min(W, 0) / s)      (eq. 2, asymmetric)
     W~ = s (clip(round(W / s + V) + zp, 0, 2^b - 1) - zp)                                        (eq. 1)
 
-(symmetric: s = max(alpha max, -beta min) * 2 / (2^b - 1), zp = 2^(b-1)). round is the straight-through estimator
-while training. The final codes use exactly RTN's grid code (params_from_range: float16 scales, integer zero
+(symmetric: s = max(alpha max, -beta min) * 2 / (2^b - 1), zp = 2^(b-1)). round (and the float16 rounding of s) is the
+straight-through estimator while training, so the trained weights are the stored ones. The final codes use exactly RTN's grid code (params_from_range: float16 scales, integer zero
 points), so V = 0, alpha = beta = 1 gives RTN's min/max codes bit for bit, and every export that holds RTN/GPTQ
 codes holds these.
 """
@@ -54,6 +54,7 @@ def signround_fake_quant(wg: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
         wmax = torch.maximum(-wmin, wmax)
         wmin = -wmax
     scale = ((wmax - wmin) / maxq).clamp(min=_MIN_SCALE)[..., None]
+    scale = scale + (scale.to(SCALE_DTYPE).float() - scale).detach()  # the stored float16 scale, straight-through
     if spec.sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
