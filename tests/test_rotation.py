@@ -139,7 +139,8 @@ def _nll(model, ids):
         return model(ids, labels=ids).loss.item()
 
 
-@pytest.mark.parametrize("quant", [{"method": "rtn"}, {"method": "gptq"}, {"method": "autoround", "iters": 4}])
+@pytest.mark.parametrize("quant", [{"method": "rtn"}, {"method": "gptq"}, {"method": "awq", "n_grid": 4},
+                                   {"method": "autoround", "iters": 4}], ids=lambda q: q["method"])
 def test_rotated_quantized_checkpoint_reloads_to_the_same_perplexity(tmp_path, quant):
     from compress.formats.native import load_checkpoint, save_checkpoint
     from compress.layers.quant_linear import QuantLinear
@@ -212,3 +213,38 @@ def test_r1_only_rotated_model_exports_to_gptq(tmp_path):
         _model("llama", hidden=64, intermediate=128), RunContext(progress=False))
     out = export("gptq", model, tiny_tokenizer(), tmp_path / "x")
     assert (out / "config.json").exists()
+
+
+# ---- the command line -----------------------------------------------------------------------------------------------
+def test_cli_rotate_recipe_runs_saves_reloads_and_refuses_gptq_export_first(tiny_model_dir, tmp_path):
+    from test_cli import QUICK, _run
+
+    from compress.runs.results import read_records
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: %s\nstages:\n  - {method: rotate}\n  - {method: gptq, bits: 4, group_size: 32}\n" % tiny_model_dir)
+    res = _run(["recipe", str(recipe), "--output", str(tmp_path / "bad"), "--export", "gptq", *QUICK], tmp_path)
+    assert res.exit_code != 0 and "cannot carry rotate's online Hadamard" in res.output
+    assert not (tmp_path / "bad").exists()
+    res = _run(["recipe", str(recipe), "--output", str(tmp_path / "o"), "--export", "dense", *QUICK], tmp_path)
+    assert res.exit_code == 0, res.output
+    rec = read_records()[-1]
+    assert rec["method"] == "rotate+gptq" and rec["status"] == "ok"
+    ppl = rec["metrics"]["after"]["ppl_pydoc"]["value"]
+    for folder in ("o", "o-dense"):
+        res = _run(["eval", "--model", str(tmp_path / folder), "--eval", "pydoc", "--eval-seqlen", "128",
+                    "--eval-windows", "4", "--no-progress"], tmp_path)
+        assert res.exit_code == 0, res.output
+        assert read_records()[-1]["metrics"]["after"]["ppl_pydoc"]["value"] == pytest.approx(ppl, rel=1e-3)
+
+
+def test_cli_autoround(tiny_model_dir, tmp_path):
+    from test_cli import QUICK, _run
+
+    from compress.runs.results import read_records
+
+    res = _run(["quantize", "--method", "autoround", "--bits", "3", "--group-size", "32", "--iters", "3",
+                "--minibatch", "2", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"), *QUICK], tmp_path)
+    assert res.exit_code == 0, res.output
+    rec = read_records()[-1]
+    assert rec["method"] == "autoround" and rec["status"] == "ok"
