@@ -108,9 +108,12 @@ class AutoRound(Method):
         eng = block.engine
         spec = c.spec()
         dev = eng.device
-        kw = lambda bs: {k: (v.to(dev) if isinstance(v, torch.Tensor) else
-                             tuple(t.to(dev) for t in v) if isinstance(v, tuple) and v and isinstance(v[0], torch.Tensor) else v)
-                         for k, v in eng.block_kwargs(bs).items()}
+
+        def kw(bs: int) -> dict:  # the model's block kwargs for a mini-batch of bs sequences, on the device
+            return {k: v.to(dev) if isinstance(v, torch.Tensor) else
+                    tuple(t.to(dev) for t in v) if isinstance(v, tuple) and v and isinstance(v[0], torch.Tensor) else v
+                    for k, v in eng.block_kwargs(bs).items()}
+
         xq = eng.inputs.data
         if block.index == 0 or self._float_inputs is None:
             self._float_inputs = xq.clone()

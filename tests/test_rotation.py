@@ -204,6 +204,14 @@ def test_exports_refuse_online_rotation_before_any_work_and_dense_folds_it(tmp_p
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+    # the dense export is a plain transformers folder (untied head, R4 folded): transformers alone gives the same logits
+    from transformers import AutoModelForCausalLM
+
+    out = export("dense", model, tiny_tokenizer(), tmp_path / "d")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert hf.config.tie_word_embeddings is False
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
 
 
 def test_r1_only_rotated_model_exports_to_gptq(tmp_path):
