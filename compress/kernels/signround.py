@@ -7,10 +7,10 @@ and alpha, beta in [0.5, 1] (one pair per group):
     s = (alpha max(W, 0) - beta min(W, 0)) / (2^b - 1),  zp = round(-beta min(W, 0) / s)      (eq. 2, asymmetric)
     W~ = s (clip(round(W / s + V) + zp, 0, 2^b - 1) - zp)                                        (eq. 1)
 
-(symmetric: s = max(alpha max, -beta min) * 2 / (2^b - 1), zp = 2^(b-1)). round (and the float16 rounding of s) is the
-straight-through estimator while training, so the trained weights are the stored ones. The final codes use exactly RTN's grid code (params_from_range: float16 scales, integer zero
-points), so V = 0, alpha = beta = 1 gives RTN's min/max codes bit for bit, and every export that holds RTN/GPTQ
-codes holds these.
+(symmetric: s = max(alpha max, -beta min) * 2 / (2^b - 1), zp = 2^(b-1)). round (and the float16 rounding of s) is
+the straight-through estimator while training, so the trained weights are the stored ones. The final codes use
+exactly RTN's grid code (params_from_range: float16 scales, integer zero points), so V = 0, alpha = beta = 1 gives
+RTN's min/max codes bit for bit, and every export that holds RTN/GPTQ codes holds these.
 """
 from __future__ import annotations
 
