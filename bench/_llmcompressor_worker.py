@@ -1,7 +1,9 @@
 """Runs llm-compressor's GPTQ or AWQ in its own virtual environment (never imports `compress`); driven by
 bench/gptq_vs_llmcompressor.py and bench/awq_vs_llmcompressor.py. Arguments: JSON {model_dir, calib (safetensors with
 "ids" [N, L]), bits, group_size (-1: per channel), sym, out (safetensors written with the quantized Linear weights, as
-floats), method ("gptq", the default, or "awq": AWQModifier with its defaults, then QuantizationModifier on the grid)}.
+floats), method ("gptq", the default; "awq": AWQModifier with its defaults, then QuantizationModifier on the grid;
+"spinquant": SpinQuantModifier(rotations, transform_type) then GPTQModifier on the grid, with "rotations" (default
+["R1", "R2"], the offline ones, fused into the weights) and "transform_type" (default "random-hadamard"))}.
 Prints one JSON line: {"seconds": wall time of oneshot(), "versions": {...}}."""
 import json
 import sys
@@ -37,6 +39,12 @@ def main() -> None:
         # its defaults: the architecture's mappings (norm -> q/k/v, v -> o, norm -> gate/up, up -> down), duo_scaling,
         # n_grid 20; then round-to-nearest on the grid
         recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    elif args.get("method") == "spinquant":
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+
+        rotate = SpinQuantModifier(rotations=args.get("rotations", ["R1", "R2"]),
+                                   transform_type=args.get("transform_type", "random-hadamard"))
+        recipe = [rotate, GPTQModifier(config_groups=groups, ignore=["lm_head"])]
     else:
         recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])  # its defaults: block_size 128,
         # dampening_frac 0.01, actorder static
@@ -55,6 +63,9 @@ def main() -> None:
                     w = forward_quantize(mod, w, "weight", mod.quantization_scheme.weights)
             out[name + ".weight"] = w.to("cpu").contiguous()
     save_file(out, args["out"])
+    if args.get("method") == "spinquant":  # the rotations rewrote every tensor (embedding, norms, untied head)
+        state = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}
+        save_file(state, args["out"].replace(".safetensors", "-rest.safetensors"))
     if args.get("method", "gptq") == "awq":  # AWQ also rewrote the norms (and v / up rows): every other float tensor
         rest = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
                 if p.dim() == 1 or not name.endswith(".weight") or name.rsplit(".", 1)[0] not in

@@ -36,7 +36,8 @@ def _kind(module_name: str, module: nn.Module, pname: str, ndim: int) -> str:
 def block_coverage(model: nn.Module) -> dict[str, Any]:
     """{"compressed_params": n, "compressed_modules": n, "kept": {kind: [names]}} over the decoder blocks."""
     prefix, blocks = find_blocks(model)
-    compressed = compressed_modules(model)
+    # a run-time transform around a linear (the online Hadamard) is not a compressed weight: its inner linear counts
+    compressed = {n: m for n, m in compressed_modules(model).items() if not getattr(m, "is_compress_transform", False)}
     comp_prefixes = tuple(n + "." for n in compressed)
     kept: dict[str, list[str]] = {}
     block_names = tuple(f"{prefix}.{i}." for i in range(len(blocks)))

@@ -38,6 +38,10 @@ class Format:
     summary: str = ""
     exports: bool = False  # can be asked for with --export NAME
     options: tuple[str, ...] = ()  # run options (RunSpec field names) its export takes as keyword arguments
+    # whether its export can hold a model with an online rotation (rotate's R4 before down_proj): the native
+    # checkpoint records it and the project's loader applies it; dense folds it back into the weights; the peer
+    # formats (GPTQ, compressed-tensors, GGUF, ...) have no place for it and refuse
+    online_rotation: bool = False
 
     def handles(self, model: nn.Module) -> bool:
         return self.exports

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from compress.core.errors import ConfigError
 from compress.formats.base import Format, all_formats
+from compress.layers.online_hadamard import online_hadamards
 
 
 def known_formats() -> list[str]:
@@ -34,13 +35,23 @@ def export_options(fmt: str, options: dict[str, Any] | None) -> dict[str, Any]:
 
 def check_plan(fmt: str, stages: list[tuple[str, dict[str, Any]]], options: dict[str, Any] | None = None) -> None:
     """Before any work: refuse a recipe whose result `fmt` cannot hold (a format's own check, e.g. GGUF's grids)."""
-    format_named(fmt).check_plan(stages, export_options(fmt, options))
+    writer = format_named(fmt)
+    if not writer.online_rotation and any(name == "rotate" and cfg.get("online", True) for name, cfg in stages):
+        raise ConfigError(_online_refusal(fmt))
+    writer.check_plan(stages, export_options(fmt, options))
+
+
+def _online_refusal(fmt: str) -> str:
+    return (f"--export {fmt} cannot carry rotate's online Hadamard before down_proj (the {fmt} loaders do not apply "
+            "it); rotate with --no-online (online: false) for an R1-only model, or use the native or dense format")
 
 
 def export(fmt: str, model: nn.Module, tokenizer: Any, output: str | Path, *, overwrite: bool = False,
            options: dict[str, Any] | None = None) -> Path:
     writer = format_named(fmt)
     target = Path(f"{output}-{fmt}")
+    if not writer.online_rotation and online_hadamards(model):
+        raise ConfigError(_online_refusal(fmt))
     if not writer.handles(model):
         raise ConfigError(f"--export {fmt!r} has no layout for this model's compressed layers")
     return writer.export(model, tokenizer, target, overwrite, **export_options(fmt, options))

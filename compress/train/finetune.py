@@ -142,7 +142,8 @@ def require_float_linears(model: nn.Module, method: str, advice: str) -> None:
     """Refuse (one ConfigError) a model whose layers hold integer codes (this project's compressed modules, NF4):
     `method` trains or re-quantizes float weights."""
     # sparse layers (SparseLinear: a float weight with zeros) train like any float linear; their zeros are kept
-    quantized = [n for n, m in compressed_modules(model).items() if not _float_linear(m)]
+    quantized = [n for n, m in compressed_modules(model).items()
+                 if not _float_linear(m) and not getattr(m, "is_compress_transform", False)]  # the online Hadamard wraps
     quantized += [n for n, m in model.named_modules() if is_nf4_linear(m)]
     if quantized:
         raise ConfigError(f"{method} needs float linear weights; the model holds quantized layers ({quantized[0]}, ...): "
