@@ -181,3 +181,40 @@ def test_fit_cli_bad_budgets_are_one_line(tiny_model_dir, tmp_path, args, match)
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and __import__("re").search(match, lines[0]), r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fmt,match", [
+    ("gptq", r"--export gptq: the plan mixes 2 grids \(w3 g16, w4 g32\)"),
+    ("compressed-tensors", r"--export compressed-tensors: the plan mixes 2 grids"),
+    ("gguf", r"--export gguf: gptq's grid \(3-bit asymmetric group 16\) has no GGUF type"),
+])
+def test_exports_check_a_mixed_plan_before_any_work(tmp_path, tiny_llama, fmt, match):
+    from compress.formats.exporters import check_plan
+
+    path, _ = _plan(tmp_path, tiny_llama, [{"method": "gptq", "bits": 3, "group_size": 16},
+                                           {"method": "rtn", "bits": 4, "group_size": 32}])
+    with pytest.raises(ConfigError, match=match):
+        check_plan(fmt, [("mixed", {"plan": str(path)})], {})
+
+
+def test_gguf_export_takes_a_plan_of_gguf_grids(tmp_path, tiny_llama):
+    from compress.formats.exporters import check_plan
+
+    path, _ = _plan(tmp_path, tiny_llama, [{"method": "gptq", "bits": 4, "group_size": 32},
+                                           {"method": "rtn", "bits": 8, "group_size": 32, "sym": True}])
+    check_plan("gguf", [("mixed", {"plan": str(path)})], {})  # Q4_1 and Q8_0 per tensor: accepted
+    check_plan("dense", [("mixed", {"plan": str(path)})], {})
+
+
+def test_gguf_export_of_a_mixed_plan_has_one_type_per_tensor(tmp_path, tiny_llama, tiny_tok):
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install '.[gguf]')")
+    from compress.formats.gguf import write_gguf
+    from compress.pipeline.recipe import Recipe, RunContext
+
+    path, layers = _plan(tmp_path, tiny_llama, [{"method": "rtn", "bits": 4, "group_size": 32},
+                                                {"method": "rtn", "bits": 8, "group_size": 32, "sym": True}])
+    model = Recipe.from_specs([{"method": "mixed", "plan": str(path)}]).run(tiny_llama, RunContext(progress=False))
+    write_gguf(model, tiny_tok, tmp_path / "m.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.0.attn_k.weight"] == "Q8_0"
+    assert {"Q4_1", "Q8_0"} <= set(types.values())

@@ -38,6 +38,7 @@ class Format:
     summary: str = ""
     exports: bool = False  # can be asked for with --export NAME
     options: tuple[str, ...] = ()  # run options (RunSpec field names) its export takes as keyword arguments
+    one_grid: bool = False  # holds one integer grid per checkpoint (no per-layer bits or group sizes)
 
     def handles(self, model: nn.Module) -> bool:
         return self.exports

@@ -41,6 +41,7 @@ from compress.core.errors import ConfigError
 from compress.core.paths import atomic_write_bytes, cache_dir
 from compress.evals.size import checkpoint_bytes, storage_bits
 from compress.formats.base import state_for_saving, write_safetensors
+from compress.formats.exporters import check_plan
 from compress.kernels.knapsack import BudgetError, multiple_choice_knapsack
 from compress.layers.quant_embedding import quantize_embeddings
 from compress.layers.quant_linear import QuantLinear
@@ -394,6 +395,9 @@ def fit(spec: RunSpec, console=None) -> list[dict[str, Any]]:
     probe.stages = [{"method": "mixed"}]
     probe.output = base_out
     validate(probe)  # output folder, data, model files, exports, store: before any work
+    for fmt in spec.exports:  # every grid the plan may choose must fit the export
+        check_plan(fmt, [(c.method, {k: v for k, v in c.setting().items() if k != "method"}) for c in cands],
+                   spec.to_dict())
     device = resolve_device(spec.device)
     loaded = load_model(spec.model, dtype=spec.dtype, device="cpu")
     model, tok = loaded.model, loaded.tokenizer
