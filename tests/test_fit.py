@@ -218,3 +218,12 @@ def test_gguf_export_of_a_mixed_plan_has_one_type_per_tensor(tmp_path, tiny_llam
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.0.attn_k.weight"] == "Q8_0"
     assert {"Q4_1", "Q8_0"} <= set(types.values())
+
+
+def test_fit_byte_budget_counts_quantized_embeddings(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    from compress.runs.fit import fit
+
+    (rec,) = fit(_fit_spec(tiny_model_dir, tmp_path, max_size="150KB", quantize_embeddings="8", fit_methods=["rtn"]))
+    assert rec["fit"]["meets_budget"] and rec["size"]["checkpoint_bytes"] <= 150_000
+    assert rec["fit"]["predicted"]["checkpoint_bytes"] == rec["size"]["checkpoint_bytes"]
