@@ -374,7 +374,7 @@ def allocate(sizing: Sizing, losses: dict[str, list[float]] | None, budget_kind:
 # The verb
 # ---------------------------------------------------------------------------------------------------------------
 def _budget_text(kind: str, value: float) -> str:
-    return f"{value:.3f} bpw".replace(".000", "") if kind == "bits" else f"{value / 1e6:.2f} MB"
+    return f"{round(value, 4):g} bpw" if kind == "bits" else f"{value / 1e6:.2f} MB"
 
 
 def write_plan(plan: dict[str, Candidate], label: str, path: Path, meta: dict[str, Any]) -> Path:
