@@ -38,7 +38,7 @@ def minimum_size(sizes: list[list[int]]) -> int:
 
 
 def multiple_choice_knapsack(sizes: list[list[int]], losses: list[list[float]], budget: int, *,
-                             max_units: int = 1 << 15, what: str = "size") -> KnapsackResult:
+                             max_units: int = 1 << 17, what: str = "size") -> KnapsackResult:
     """One choice per item minimising the summed loss with summed size <= budget. Raises BudgetError (one line naming
     the minimum) when even the smallest choice of every item does not fit."""
     if len(sizes) != len(losses) or any(len(s) != len(l) or not s for s, l in zip(sizes, losses)):
