@@ -1,8 +1,7 @@
 """`compress fit` on the real SmolLM2-135M-Instruct (run with --real; small counts).
 
 Protocol: calibration 8 x 256 tokens of the data kit's C4 train sample (seed 0), for the sensitivities and the plan
-alike; perplexity on WikiText-2 raw test, 4 windows of 512 tokens; bfloat16. Candidates RTN w2/w3/w4 x g64/g128
-asymmetric (4-bit asymmetric g32 is lossless on this model, whose linears were GGUF Q4_1, so it is not offered).
+alike; perplexity on WikiText-2 raw test, 4 windows of 512 tokens; bfloat16. Candidates RTN w3/w4 g64 asymmetric (4-bit asymmetric g32 is lossless on this model, whose linears were GGUF Q4_1, so it is not offered).
 The fitted plan at 3.5 bits per weight (as stored) must beat uniform RTN w3 g64 (3.30 bits, the largest uniform RTN
 setting within the budget) and the log-linear interpolation between it and RTN w4 g128 (4.16 bits). The full
 acceptance table (GPTQ and RTN, 2048-token windows) is bench/fit_frontier.py's, in docs/benchmarks.md.
@@ -27,12 +26,11 @@ def _uniform(real_loaded, bits, gs):
     return model_size(model)["bits_per_weight"], perplexity(model, real_loaded.tokenizer, "wikitext2", **EVAL)["value"]
 
 
-def test_fit_beats_the_uniform_rtn_frontier_at_3_5_bits(real_loaded, data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+def test_fit_beats_the_uniform_rtn_frontier_at_3_5_bits(real_loaded, data_dir, tmp_path):
     from compress.runs.fit import fit
     from compress.runs.spec import RunSpec
 
-    spec = RunSpec.build(dict(max_bits=3.5, fit_methods=["rtn"], fit_bits=["2", "3", "4"], calib="c4", nsamples=8,
+    spec = RunSpec.build(dict(max_bits=3.5, fit_methods=["rtn"], fit_bits=["3", "4"], fit_group_sizes=["64"], calib="c4", nsamples=8,
                               seqlen=256, eval=["wikitext2"], eval_seqlen=512, eval_windows=4, baseline=False,
                               results_dir=str(tmp_path / "results"), output=str(tmp_path / "fit"), progress=False,
                               data_dir=str(data_dir)), kind="fit")
