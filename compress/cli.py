@@ -16,7 +16,7 @@ import click
 from compress.core.config import _base_type, flag_name
 from compress.core.errors import CompressError, Interrupted
 from compress.runs.console import _console, _fail, _setup_logging
-from compress.runs.spec import RUN, RunSpec, coerce, run_fields
+from compress.runs.spec import FIT, RUN, RunSpec, coerce, run_fields
 
 log = logging.getLogger("compress")
 
@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prune": ("_prune_cmd", "Pruning (--method magnitude, wanda, sparsegpt, owl, llm-pruner)."),
     "finetune": ("_finetune_cmd", "Training-aware compression (--method qat, peqa, llm-qat, qlora, lora)."),
     "distill": ("_distill_cmd", "Knowledge distillation into a smaller student."),
+    "fit": ("_fit_cmd", "The most accurate mixed-precision model under a size budget, chosen per layer across methods."),
     "recipe": ("_recipe_cmd", "Run a recipe file: methods composed in order."),
     "eval": ("_eval_cmd", "Evaluate a model or checkpoint: perplexity, zero-shot tasks, size."),
     "generate": ("_generate_cmd", "Try a model or checkpoint: stream a completion, print its speed and memory."),
@@ -226,6 +227,24 @@ def _finetune_cmd() -> click.Command:
 
 def _distill_cmd() -> click.Command:
     return _family_verb("distill", "distillation", "--student-layers 15", default_method="distill")
+
+
+def _fit_cmd() -> click.Command:
+    @click.command()
+    @run_options()
+    @run_options(FIT)
+    def fit_cmd(**kw) -> None:
+        """The most accurate mixed-precision model under a budget: each linear's sensitivity to every candidate
+        (method x bits x group size) on the calibration set, an exact knapsack allocation, then the plan applied,
+        evaluated and recorded, e.g. `compress fit --max-bits 3.5` or `compress fit --max-size 80MB --frontier 4`."""
+        from compress.runs.fit import fit
+
+        try:
+            fit(_spec("fit", [], kw), console=_console())
+        except CompressError as e:
+            _fail(e)
+
+    return fit_cmd
 
 
 def _recipe_cmd() -> click.Command:

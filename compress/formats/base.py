@@ -42,6 +42,7 @@ class Format:
     # checkpoint records it and the project's loader applies it; dense folds it back into the weights; the peer
     # formats (GPTQ, compressed-tensors, GGUF, ...) have no place for it and refuse
     online_rotation: bool = False
+    one_grid: bool = False  # holds one integer grid per checkpoint (no per-layer bits or group sizes)
 
     def handles(self, model: nn.Module) -> bool:
         return self.exports

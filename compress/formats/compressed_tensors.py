@@ -162,6 +162,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, target: Path, ov
 
 class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
+    one_grid = True  # one quantization_config for every layer
     summary = "compressed-tensors: pack-quantized weight-only (W4A16-style) or int-quantized W8A8 (llm-compressor, vLLM)"
     exports = True
 

@@ -192,6 +192,7 @@ def read_gptq(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.
 
 class GPTQFormat(Format):
     name = "gptq"
+    one_grid = True  # one quantization_config for every layer
     summary = "GPTQ v1 (AutoGPTQ/GPTQModel, transformers, vLLM, SGLang)"
     exports = True
 

@@ -113,6 +113,7 @@ METHODS: Registry[type[Method]] = Registry("method", {
     name: f"compress.methods.{name.replace('-', '_')}:{cls}" for name, cls in {
         "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "hqq": "HQQ", "owq": "OWQ", "llm-int8": "LLMInt8", "smoothquant": "SmoothQuant",
         "rotate": "Rotate", "autoround": "AutoRound",
+        "mixed": "Mixed",
         "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "owl": "OWL", "llm-pruner": "LLMPruner",
         "qat": "QAT", "peqa": "PEQA", "llm-qat": "LLMQAT", "qlora": "QLoRA", "lora": "LoraRecovery",
         "distill": "Distill",

@@ -265,7 +265,11 @@ def plot(points: list[Point], metric: str, axis: str, protocol_text: str, path: 
         ps = [p for p in sized if p.method == m]
         style = dict(marker="*", s=220, color="black") if m == "uncompressed" else \
             dict(marker=markers[i % len(markers)], s=60, color=cmap(i % 10))
-        ax.scatter(xs(ps), [p.value for p in ps], label=m, zorder=3, edgecolors="white", linewidths=0.6, **style)
+        ax.scatter(xs(ps), [p.value for p in ps], label="mixed (compress fit)" if m == "mixed" else m, zorder=3,
+                   edgecolors="white", linewidths=0.6, **style)
+        if m == "mixed" and len(ps) > 1:  # the fitted plans' frontier, beside the uniform settings
+            ps = sorted(ps, key=lambda p: p.size(axis))
+            ax.plot(xs(ps), [p.value for p in ps], color=style["color"], lw=1.2, ls="--", zorder=2)
     front = sorted((p for p in sized if p.front), key=lambda p: p.size(axis))
     if front:
         ax.plot(xs(front), [p.value for p in front], drawstyle="steps-post", color="crimson", lw=1.6, alpha=0.8,

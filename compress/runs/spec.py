@@ -14,7 +14,7 @@ from typing import Any
 
 from compress.core.errors import ConfigError
 
-RUN, EVAL = "run", "eval"
+RUN, EVAL, FIT = "run", "eval", "fit"
 BOTH = (RUN, EVAL)
 
 
@@ -85,6 +85,23 @@ class RunSpec:
                         choices=("auto", "always", "never"))
     ignore: list[str] = option(help="regex of linear layer names to leave uncompressed; repeatable", multiple=True,
                                factory=list)
+    # compress fit (verb "fit" only)
+    max_bits: float | None = option(None, "budget: average bits per weight of the decoder-block linears as stored "
+                                    "(codes + scales + zero points + indices)", verbs=(FIT,), cli_type=float)
+    max_size: str | None = option(None, "budget: bytes of the checkpoint's safetensors files on disk, e.g. 80MB "
+                                  "(10^6), 76MiB (2^20) or a byte count", verbs=(FIT,))
+    fit_methods: list[str] = option(help="methods the plan may use per linear, comma-separated (rtn, gptq, hqq)",
+                                    verbs=(FIT,), sep=",", factory=lambda: ["gptq", "rtn"])
+    fit_bits: list[str] = option(help="candidate bit widths, comma-separated", verbs=(FIT,), sep=",",
+                                 factory=lambda: ["2", "3", "4", "8"])
+    fit_group_sizes: list[str] = option(help="candidate group sizes, comma-separated (-1: per output channel)",
+                                        verbs=(FIT,), sep=",", factory=lambda: ["64", "128"])
+    fit_sym: bool = option(False, "symmetric candidate grids", verbs=(FIT,))
+    sensitivity: str = option("fisher", "per-layer cost of a candidate: fisher (output error weighted by the squared "
+                              "loss gradient of each output, BRECQ eq. 10) or hessian (the layer-wise output error "
+                              "tr(dW H dW^T), GPTQ eq. 1)", verbs=(FIT,), choices=("fisher", "hessian"))
+    frontier: int | None = option(None, "fit N budgets evenly spaced from the smallest plan up to the budget given, "
+                                  "each one a run and a point of `compress report`", verbs=(FIT,), cli_type=int)
     teacher: str | None = internal(None)
     progress: bool = option(True, "progress bars", verbs=BOTH)
     tag: str | None = internal(None)  # e.g. a grid cell key
