@@ -31,6 +31,7 @@ MODULE_TYPES: Registry[type[CompressedModule]] = Registry("module type", {
     "w8a8_linear": "compress.layers.w8a8_linear:W8A8Linear",
     "quant_embedding": "compress.layers.quant_embedding:QuantEmbedding",
     "tied_quant_head": "compress.layers.quant_embedding:TiedQuantHead",
+    "split_experts": "compress.layers.experts:SplitExperts",
 })
 
 

@@ -19,7 +19,7 @@ from compress.evals.size import size_report
 from compress.formats import check_output_dir, save_checkpoint
 from compress.layers.kernels import select_kernels
 from compress.layers.quant_embedding import quantize_embeddings
-from compress.pipeline.recipe import Recipe, RunContext
+from compress.pipeline.recipe import Recipe, RunContext, experts_refusers
 from compress.runs.results import append_record, environment, new_run_id, now_iso, peak_memory, read_records
 from compress.runs.spec import RunSpec, apply_paper_protocol
 from compress.sources.data import (check_calibration_supply, eval_text, get_calibration, resolve_data_dir,
@@ -235,8 +235,8 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
                      model_spec=spec.model, model_dtype=next(model.parameters()).dtype)
     if spec.teacher:
         ctx.teacher = load_model(spec.teacher, dtype=spec.dtype, device="cpu")
-    if any(st.family in ("quantization", "pruning") for st in recipe.stages):
-        refuse_fused_experts(model, recipe.method_name)
+    if experts_refusers(recipe.stages):  # weight methods that cannot compress MoE experts: stop before any work
+        refuse_fused_experts(model, ", ".join(experts_refusers(recipe.stages)))
     torch.manual_seed(spec.seed)
     t0 = time.perf_counter()
     model = recipe.run(model, ctx)
