@@ -193,3 +193,27 @@ def test_exports_of_quantized_experts(tmp_path, tiny_tok):
     assert torch.allclose(logits2, logits, atol=1e-4)
     with pytest.raises(CompressError, match=r"--export gptq: model.layers.0.mlp.experts holds mixture-of-experts"):
         export("gptq", model, tiny_tok, tmp_path / "out", overwrite=True)
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_cli_gptq_on_a_moe_folder_then_eval_same_perplexity(kind, tmp_path, tiny_tok):
+    from tests.test_cli import QUICK, _run as cli
+    from compress.runs.results import read_records
+
+    folder = tmp_path / f"tiny-{kind}"
+    _moe(kind).save_pretrained(folder)
+    tiny_tok.save_pretrained(folder)
+    out = tmp_path / "ckpt"
+    res = cli(["quantize", "--method", "gptq", "--bits", "4", "--group-size", "32", "--model", str(folder),
+               "--output", str(out), *QUICK], tmp_path)
+    assert res.exit_code == 0, res.output
+    rec = read_records()[-1]
+    assert 4.0 < rec["size"]["bits_per_weight"] < 5.0 and rec["size_before"]["bits_per_weight"] == \
+        {"bfloat16": 16.0, "float16": 16.0, "float32": 32.0}[rec["model"]["dtype"]]  # the fused experts counted
+    assert rec["coverage"]["kept"] == {"norm": 2 * (4 if kind == "qwen3_moe" else 2), "router": 2}
+    assert "router" in rec["coverage"]["summary"]
+    ppl = rec["metrics"]["after"]["ppl_pydoc"]["value"]
+    res = cli(["eval", "--model", str(out), "--eval", "pydoc", "--eval-seqlen", "128", "--eval-windows", "4",
+               "--no-progress"], tmp_path)
+    assert res.exit_code == 0, res.output
+    assert read_records()[-1]["metrics"]["after"]["ppl_pydoc"]["value"] == pytest.approx(ppl, rel=1e-5)
