@@ -61,6 +61,9 @@ def model_size(model: nn.Module) -> dict[str, Any]:
     seen: set[int] = set()
     mem = 0
     for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_meta:  # a streamed model's skeleton: the bytes it would take
+            mem += t.numel() * t.element_size()
+            continue
         key = t.untyped_storage().data_ptr()
         if key in seen:
             continue

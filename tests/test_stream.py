@@ -110,3 +110,37 @@ def test_stream_refuses_a_layout_transformers_converts_on_load(tmp_path):
     src = _folder(tmp_path, "mixtral")  # transformers 5 saves Mixtral experts per expert (w1/w2/w3), fuses on load
     with pytest.raises(ModelError, match=r"--stream: .* stores 'model.layers.0.block_sparse_moe"):
         StreamedModel(src)
+
+
+def test_cli_stream_on_equals_in_memory_run(tiny_model_dir, tmp_path):
+    from tests.test_cli import QUICK, _run as cli
+    from compress.runs.results import read_records
+
+    recs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / f"ckpt-{mode}"
+        res = cli(["quantize", "--method", "gptq", "--bits", "4", "--group-size", "32", "--model", str(tiny_model_dir),
+                   "--output", str(out), "--stream", mode, *QUICK], tmp_path)
+        assert res.exit_code == 0, res.output
+        recs[mode] = read_records()[-1]
+    on, off = recs["on"], recs["off"]
+    assert on["streamed"]["reason"] == "--stream on" and "streamed" not in off
+    a, b = _tensors(tmp_path / "ckpt-off"), _tensors(tmp_path / "ckpt-on")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for when in ("before", "after"):
+        x, y = off["metrics"][when]["ppl_pydoc"], on["metrics"][when]["ppl_pydoc"]
+        assert x["protocol_key"] == y["protocol_key"] and y["value"] == pytest.approx(x["value"], rel=1e-5)
+    assert on["size"]["bits_per_weight"] == off["size"]["bits_per_weight"]
+    assert on["coverage"] == off["coverage"]
+    assert on["calibration"] == off["calibration"]
+
+
+def test_cli_stream_refusals_are_one_line(tiny_model_dir, tmp_path):
+    from tests.test_cli import _run as cli
+
+    for extra, msg in [(["--export", "gptq"], "--stream: --export needs the whole model"),
+                       (["--tasks", "piqa"], "--stream: --tasks needs the whole model")]:
+        res = cli(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--stream", "on", "--output",
+                   str(tmp_path / "x"), *extra], tmp_path)
+        assert res.exit_code != 0 and msg in res.output, res.output
+        assert not (tmp_path / "x").exists()
