@@ -178,6 +178,18 @@ class StreamedModel:
         finally:
             setattr(parent, attr, self.blocks)
 
+    def free_rest(self) -> None:
+        """Everything outside the blocks back to meta, except computed buffers (rotary inv_freq): not stored."""
+        blocks = self.prefix + "."
+        keep = {id(b) for b in self.blocks}
+        for name, mod in self.model.named_modules():
+            if id(mod) in keep or name.startswith(blocks) or name == self.prefix:
+                continue
+            for pname, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[pname] = nn.Parameter(p.to("meta"), requires_grad=False)
+        gc.collect()
+
     def final_head(self):
         """(final norm, head) applied after the last block: LLaMA-family layouts (`model.norm`, `lm_head`)."""
         base = self.model.get_submodule(self.prefix.rsplit(".", 1)[0]) if "." in self.prefix else self.model
@@ -219,8 +231,12 @@ def stream_compress(folder: str | os.PathLike, stages: list[Method], ctx: Any, o
     with AtomicFolder(output, overwrite) as tmp:
         writer = ShardWriter(tmp)
         prefix = sm.prefix
+        writer.add(sm.rest_state())  # the non-block tensors first: no layer-wise method changes them
+        engine = ctx.engine(model)
 
         def load(i: int, block: nn.Module) -> None:
+            if i == 0 and engine.inputs is not None:  # block 0's inputs captured: embeddings and head not needed
+                sm.free_rest()
             sm.load_block(i)
             if fused_experts_modules(block):
                 raise CompressError(f"{prefix}.{i}: fused mixture-of-experts weights, which "
@@ -235,14 +251,12 @@ def stream_compress(folder: str | os.PathLike, stages: list[Method], ctx: Any, o
                 modules[f"{prefix}.{i}.{n}"] = m
             sm.free_block(i)
 
-        engine = ctx.engine(model)
         engine.block_loader, engine.block_done = load, done
         engine.run(stages, desc="streaming " + " + ".join(m.name for m in stages))
         for m in stages:
             model = m.finalize(model, ctx)
         if stage_specs is not None:
             record_stages(model, stage_specs)
-        writer.add(sm.rest_state())  # the non-block tensors
         writer.finish()
         qc = native_quantization_config(model, modules, quant_info) if modules else None
         write_model_folder(tmp, model, tokenizer, None, qc)
