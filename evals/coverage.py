@@ -1,9 +1,10 @@
 """Coverage of a compression run: every parameter of every decoder block is either inside a compressed module or
 listed as deliberately kept (norms, the MoE router, biases, linears left out by --ignore or by the method), never
-silently skipped. A float parameter of three or more dimensions (transformers 5's fused mixture-of-experts weights,
-`experts.gate_up_proj` [E, 2I, D] / `experts.down_proj` [E, D, I]) left beside compressed linears is an error naming
-it: no weight method of this project compresses fused experts yet, and leaving them in 16 bits would misreport the
-model's size (`refuse_fused_experts`, before any work)."""
+silently skipped. Mixture-of-experts weights (transformers 5's fused `experts.gate_up_proj` [E, 2I, D] /
+`experts.down_proj` [E, D, I]) are compressed per expert matrix by the methods that declare `handles_experts`
+(compress.layers.experts: the recipe splits them into one linear per expert matrix); for any other weight method
+they are an error naming them before any work (`refuse_fused_experts`): left in 16 bits they would misreport the
+model's size. An expert matrix left in float (--ignore) is listed as a linear not compressed."""
 from __future__ import annotations
 
 import re
@@ -16,6 +17,7 @@ from compress.layers.types import compressed_modules
 from compress.layers.weights import count_parameters
 from compress.model.arch import find_blocks
 from compress.model.surgery import is_linear_like
+from compress.pipeline.recipe import expert_methods
 
 
 def _kind(module_name: str, module: nn.Module, pname: str, ndim: int) -> str:
@@ -36,8 +38,10 @@ def _kind(module_name: str, module: nn.Module, pname: str, ndim: int) -> str:
 def block_coverage(model: nn.Module) -> dict[str, Any]:
     """{"compressed_params": n, "compressed_modules": n, "kept": {kind: [names]}} over the decoder blocks."""
     prefix, blocks = find_blocks(model)
-    # a run-time transform around a linear (the online Hadamard) is not a compressed weight: its inner linear counts
-    compressed = {n: m for n, m in compressed_modules(model).items() if not getattr(m, "is_compress_transform", False)}
+    # a run-time transform around a linear (the online Hadamard) and a container of per-expert linears are not
+    # compressed weights themselves: their inner linears count
+    compressed = {n: m for n, m in compressed_modules(model).items()
+                  if not getattr(m, "is_compress_transform", False) and not getattr(m, "is_container", False)}
     comp_prefixes = tuple(n + "." for n in compressed)
     kept: dict[str, list[str]] = {}
     block_names = tuple(f"{prefix}.{i}." for i in range(len(blocks)))
@@ -54,11 +58,13 @@ def block_coverage(model: nn.Module) -> dict[str, Any]:
 
 
 def refuse_fused_experts(model: nn.Module, method: str) -> None:
-    """Before any work: a weight-compressing run on a model with fused expert weights is one clear error."""
+    """Before any work: a run of a weight method that cannot compress experts (`method`) on a model with fused
+    expert weights is one clear error."""
     fused = block_coverage(model)["kept"].get("fused experts", [])
     if fused:
         raise CompressError(f"{fused[0]} (and {len(fused) - 1} more) are fused mixture-of-experts weights, which "
-                            f"{method} cannot compress yet; they would silently stay in 16 bits, so the run stops")
+                            f"{method} cannot compress; they would silently stay in 16 bits, so the run stops "
+                            f"(methods that compress experts: {', '.join(expert_methods())})")
 
 
 def coverage_summary(cov: dict[str, Any]) -> str:

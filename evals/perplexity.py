@@ -94,3 +94,44 @@ def perplexity(model: torch.nn.Module, tokenizer, dataset: str = "wikitext2", *,
     value = math.exp(torch.cat(nlls).double().mean().item())
     return {"value": value, "protocol": protocol, "protocol_key": protocol_key(protocol),
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+@torch.no_grad()
+def streamed_perplexity(folder, tokenizer, dataset: str = "wikitext2", *, seqlen: int = 2048,
+                        max_windows: int | None = None, data_dir: str | None = None, fallback: bool = False,
+                        dtype: torch.dtype | None = None, progress: bool = True) -> dict[str, Any]:
+    """perplexity() of the model in `folder` (a transformers folder or a native checkpoint) with one decoder block in
+    memory at a time: the windows' hidden states go through block 0, then block 1, ... (each block read from the
+    folder and freed), then the final norm and head; the same protocol, windows one at a time as perplexity()."""
+    from tqdm.auto import tqdm
+
+    from compress.pipeline.engine import Engine
+    from compress.pipeline.stream import StreamedModel
+
+    sm = StreamedModel(folder, dtype)
+    sm.load_rest()
+    protocol, ids = prepare(tokenizer, dataset, seqlen=seqlen, max_windows=max_windows, data_dir=data_dir,
+                            fallback=fallback, dtype=sm.dtype)
+    n = protocol["windows"]
+    t0 = time.perf_counter()
+    windows = ids[0, :n * seqlen].view(n, seqlen)
+    engine = Engine(sm.model, windows, batch_size=1, progress=False)
+    try:
+        engine.capture(quiet=True)
+        for i in tqdm(range(len(sm.blocks)), desc=f"perplexity {protocol['dataset']} (streamed)", unit="block",
+                      disable=not progress, leave=False):
+            block = sm.load_block(i)
+            engine.forward_block(block, write_outputs=True)
+            engine.inputs, engine.outputs = engine.outputs, engine.inputs
+            sm.free_block(i)
+        norm, head = sm.final_head()
+        nlls = []
+        for s in range(n):
+            logits = head(norm(engine.inputs.data[s:s + 1]))[:, :-1, :].float()
+            target = windows[s:s + 1, 1:]
+            nlls.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").mean().view(1))
+    finally:
+        engine.release()
+    value = math.exp(torch.cat(nlls).double().mean().item())
+    return {"value": value, "protocol": protocol, "protocol_key": protocol_key(protocol),
+            "seconds": round(time.perf_counter() - t0, 3), "streamed": True}

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from compress.layers.experts import is_fused_experts
 from compress.layers.nf4 import is_nf4_linear, nf4_state_bytes, nf4_storage_bits
 from compress.layers.weights import count_parameters, int8_row_absmax
 from compress.model.arch import find_blocks
@@ -43,7 +44,7 @@ def _adapter_modules(blocks) -> set[int]:
 
 def model_size(model: nn.Module) -> dict[str, Any]:
     """Size facts of a model in memory. bits_per_weight covers the linear layers inside the decoder blocks (what
-    compression methods target); bits_per_param covers every stored tensor of the model."""
+    compression methods target, mixture-of-experts expert matrices included); bits_per_param covers every stored tensor of the model."""
     try:
         _, blocks = find_blocks(model)
     except ValueError:
@@ -52,10 +53,17 @@ def model_size(model: nn.Module) -> dict[str, Any]:
     block_mods = [m for b in blocks for m in b.modules() if is_linear_like(m) and id(m) not in adapters]
     bits = sum(storage_bits(m) for m in block_mods)
     weights = sum(m.in_features * m.out_features for m in block_mods)
+    # fused mixture-of-experts weights ([E, 2I, D] / [E, D, I], transformers 5) are weight matrices too
+    fused = [p for b in blocks for m in b.modules() if is_fused_experts(m) for p in (m.gate_up_proj, m.down_proj)]
+    bits += sum(p.numel() * _dtype_bits(p) for p in fused)
+    weights += sum(p.numel() for p in fused)
     adapter_params = {id(p): p for b in blocks for m in b.modules() if id(m) in adapters for p in m.parameters(recurse=False)}
     seen: set[int] = set()
     mem = 0
     for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_meta:  # a streamed model's skeleton: the bytes it would take
+            mem += t.numel() * t.element_size()
+            continue
         key = t.untyped_storage().data_ptr()
         if key in seen:
             continue

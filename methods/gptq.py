@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.core.config import option
+from compress.core.errors import CompressError
 from compress.kernels.obs import GPTQSweepConfig, gptq_quantize
 from compress.layers.quant_linear import QuantLinear
 from compress.layers.sparse_linear import SparseQuantLinear, sparse_keep_mask
 from compress.layers.weights import linear_weight
 from compress.pipeline.method import Method, Needs, register
+from compress.quant.unrouted import rtn_linear
 
 
 @dataclass
@@ -30,6 +32,8 @@ class GPTQ(Method):
     Config = GPTQConfig
     needs = Needs(calibration=True, stats=("hessian",))
     layerwise = True
+    handles_experts = True
+    unrouted_fallback = "RTN on the same grid (as GPTQModel and llm-compressor do)"
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -53,3 +57,8 @@ class GPTQ(Method):
             return SparseQuantLinear.from_quantized(qw, getattr(linear, "bias", None), dtype=weight.dtype,
                                                     structure=getattr(linear, "structure", "unstructured"))
         return QuantLinear.from_quantized(qw, getattr(linear, "bias", None), dtype=weight.dtype)
+
+    def compress_unrouted(self, name, linear):
+        if sparse_keep_mask(linear) is not None or self.config.mask_zeros:
+            raise CompressError(f"{name} received no calibration token; gptq has no RTN fallback that keeps a sparsity mask")
+        return rtn_linear(linear, self.config.spec())

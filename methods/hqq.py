@@ -47,6 +47,7 @@ class HQQ(Method):
     Config = HQQConfig
     needs = Needs()
     layerwise = True
+    handles_experts = True  # data-free: each expert matrix like any linear
 
     def describe(self) -> str:
         c = self.config

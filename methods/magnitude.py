@@ -27,6 +27,7 @@ class Magnitude(PruningMethod):
     Config = MagnitudeConfig
     needs = Needs()
     layerwise = True
+    handles_experts = True  # data-free: each expert matrix like any linear
 
     def describe(self) -> str:
         c = self.config

@@ -13,6 +13,7 @@ from compress.kernels.quant_grid import WeightQuantConfig, rtn_quantize
 from compress.layers.quant_linear import QuantLinear
 from compress.layers.weights import linear_weight
 from compress.pipeline.method import Method, Needs, register
+from compress.quant.unrouted import rtn_linear
 
 
 @dataclass
@@ -26,6 +27,8 @@ class RTN(Method):
     Config = RTNConfig
     needs = Needs()
     layerwise = True
+    handles_experts = True
+    unrouted_fallback = "RTN with the weight-only mse observer instead of act-mse"
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -40,3 +43,7 @@ class RTN(Method):
         col_weight = stats.sq_norms / max(stats.ntokens, 1) if stats is not None else None
         qw = rtn_quantize(weight, self.config.spec(), col_weight)
         return QuantLinear.from_quantized(qw, getattr(linear, "bias", None), dtype=weight.dtype)
+
+    def compress_unrouted(self, name, linear):
+        return rtn_linear(linear, self.config.spec())
+

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from compress.core.config import option
 from compress.core.errors import ConfigError
 from compress.kernels.obs import PruneRule, sparsegpt_prune
 from compress.kernels.quant_grid import WeightQuantConfig
 from compress.layers.sparse_linear import SparseQuantLinear
 from compress.layers.weights import linear_weight
+from compress.pipeline.engine import LinearStats
 from compress.pipeline.method import Needs, register
 from compress.sparse.pruning import PruneConfig, PruningMethod
 
@@ -45,6 +48,14 @@ class SparseGPT(PruningMethod):
     Config = SparseGPTConfig
     needs = Needs(calibration=True, stats=("hessian",))
     layerwise = True
+    handles_experts = True
+    unrouted_fallback = ("the same sweep with an identity Hessian: no error feedback, the mask by |w| within each "
+                         "block (magnitude), kept weights rounded to nearest")
+
+    def compress_unrouted(self, name, linear):
+        # with H = I the OBS sweep has no cross-column update and the score w^2 / [H^-1]_cc^2 is w^2 (Alg. 1)
+        w = linear_weight(linear)
+        return self.compress_linear(name, linear, LinearStats(0, torch.eye(w.shape[1], device=w.device)))
 
     def compress_linear(self, name, linear, stats):
         c = self.config

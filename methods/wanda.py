@@ -26,6 +26,7 @@ class Wanda(PruningMethod):
     Config = WandaConfig
     needs = Needs(calibration=True, stats=("input_norms",))
     layerwise = True
+    handles_experts = True
 
     def compress_linear(self, name, linear, stats):
         c = self.config

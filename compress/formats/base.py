@@ -235,10 +235,11 @@ def write_safetensors(state: dict[str, torch.Tensor], folder: Path, metadata: di
     return names
 
 
-def write_model_folder(folder: Path, model: nn.Module, tokenizer: Any, state: dict[str, torch.Tensor],
+def write_model_folder(folder: Path, model: nn.Module, tokenizer: Any, state: dict[str, torch.Tensor] | None,
                        quantization_config: dict[str, Any] | None, extra_config: dict[str, Any] | None = None) -> None:
-    """Fill a (temporary) folder the way save_pretrained would: `state` as safetensors, config.json (the model's,
-    with this quantization_config), the generation config and the tokenizer. Shared by every format writer."""
+    """Fill a (temporary) folder the way save_pretrained would: `state` as safetensors (None: the caller wrote the
+    tensors already, e.g. streamed shard by shard), config.json (the model's, with this quantization_config), the
+    generation config and the tokenizer. Shared by every format writer."""
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", "")
@@ -246,7 +247,8 @@ def write_model_folder(folder: Path, model: nn.Module, tokenizer: Any, state: di
     if quantization_config:
         config["quantization_config"] = quantization_config
     config.update(extra_config or {})
-    write_safetensors(state, folder)
+    if state is not None:
+        write_safetensors(state, folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     gen = getattr(model, "generation_config", None)
     if gen is not None:

@@ -56,6 +56,11 @@ def quantized_linears(model: nn.Module, fmt: str, *, every_block_linear: bool = 
     """The model's quantized linears if `fmt` can hold them: QuantLinears of one grid (and, with every_block_linear,
     every linear of the decoder blocks). Returns (modules by name, their spec, whether any uses an act-order index)."""
     mods = compressed_modules(model)
+    experts = [n for n, m in mods.items() if getattr(m, "is_container", False)]
+    if experts:
+        raise CompressError(f"--export {fmt}: {experts[0]} holds mixture-of-experts matrices split per expert, for "
+                            f"which this project writes no {fmt} layout yet; the native checkpoint (compress eval "
+                            "--model <folder>) or --export dense holds them")
     weak = [n for n, m in mods.items() if isinstance(m, OWQLinear)]
     if weak:
         raise CompressError(f"--export {fmt}: {weak[0]} keeps OWQ float16 weak columns, which the {fmt} format cannot "

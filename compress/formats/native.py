@@ -63,15 +63,7 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
         if qc:
             extra[FORMAT_KEY] = qc["quant_method"]
         elif modules:
-            qc = {
-                "quant_method": NATIVE_QUANT_METHOD,
-                "format": "native",
-                **(quant_info or {}),
-                **({"recipe": applied_stages(model)} if applied_stages(model) else {}),
-                "modules": {n: m.module_config() for n, m in modules.items()},
-            }
-            for key, value in filter(None, (f.config_section(modules) for f in formats)):
-                qc[key] = value
+            qc = native_quantization_config(model, modules, quant_info)
         extra.update(extra_config or {})
         write_model_folder(tmp, model, tokenizer, saved.state if saved is not None else state_for_saving(model), qc,
                            extra)
@@ -80,6 +72,53 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, output: str | os.PathLike,
         if provenance:
             (tmp / "compress_run.json").write_text(json.dumps(provenance, indent=2, default=str))
     return Path(output)
+
+
+def native_quantization_config(model: nn.Module, modules: dict[str, nn.Module],
+                               quant_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The native format's quantization_config: every compressed module's type and settings, the run's settings."""
+    qc = {
+        "quant_method": NATIVE_QUANT_METHOD,
+        "format": "native",
+        **(quant_info or {}),
+        **({"recipe": applied_stages(model)} if applied_stages(model) else {}),
+        "modules": {n: m.module_config() for n, m in modules.items()},
+    }
+    for key, value in filter(None, (f.config_section(modules) for f in all_formats())):
+        qc[key] = value
+    return qc
+
+
+class ShardWriter:
+    """A checkpoint's tensors written group by group (one shard per decoder block, for a streamed run), then named
+    as save_pretrained names shards, with model.safetensors.index.json."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.parts: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, state: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if not state:
+            return
+        path = self.folder / f".part-{len(self.parts):05d}.safetensors"
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+        self.parts.append((path, list(state)))
+        self.total += sum(v.numel() * v.element_size() for v in state.values())
+
+    def finish(self) -> list[str]:
+        n = len(self.parts)
+        names, weight_map = [], {}
+        for i, (path, keys) in enumerate(self.parts):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(path, self.folder / name)
+            names.append(name)
+            weight_map.update({k: name for k in keys})
+        (self.folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
+        return names
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, dict]:

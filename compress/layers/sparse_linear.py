@@ -61,6 +61,9 @@ class _SparseStored:
 
     @property
     def nnz(self) -> int:
+        frozen = self.__dict__.get("frozen_nnz")  # a streamed run's block, its tensors freed after being written
+        if frozen is not None and any(t.is_meta for t in [*self.buffers(recurse=False), *self.parameters(recurse=False)]):
+            return frozen
         return int(self.keep_mask().sum())
 
     @property

@@ -32,6 +32,7 @@ MODULE_TYPES: Registry[type[CompressedModule]] = Registry("module type", {
     "quant_embedding": "compress.layers.quant_embedding:QuantEmbedding",
     "tied_quant_head": "compress.layers.quant_embedding:TiedQuantHead",
     "online_hadamard": "compress.layers.online_hadamard:OnlineHadamardLinear",
+    "split_experts": "compress.layers.experts:SplitExperts",
 })
 
 

@@ -230,6 +230,10 @@ class Engine:
         self._kwargs: dict[int, dict] = {}
         self.dtype = next(model.parameters()).dtype
         self.peak_activation_bytes = 0
+        # A streamed model (compress.pipeline.stream): block i is materialised before its turn and written out and
+        # freed after it (the next block's inputs computed); None for a model in memory.
+        self.block_loader: Callable[[int, nn.Module], None] | None = None
+        self.block_done: Callable[[int, nn.Module], None] | None = None
 
     # ---- activation capture -------------------------------------------------------------------------------------
     def _batches(self, n: int) -> Iterator[slice]:
@@ -372,6 +376,8 @@ class Engine:
             self.capture()
         try:
             for i, block in enumerate(tqdm(self.blocks, desc=desc, unit="block", disable=not self.progress)):
+                if self.block_loader is not None:
+                    self.block_loader(i, block)
                 moved = self._to_device(block)
                 on_block(BlockContext(self, i, block, self.prefix))
                 if with_data and i < len(self.blocks) - 1:
@@ -379,6 +385,8 @@ class Engine:
                     self.inputs, self.outputs = self.outputs, self.inputs
                 if moved:
                     block.to("cpu")
+                if self.block_done is not None:
+                    self.block_done(i, block)
         finally:
             self.release()
 

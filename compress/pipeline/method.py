@@ -12,14 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+import logging
+
 from compress.core.config import MethodConfig
-from compress.core.errors import ConfigError
+from compress.core.errors import CompressError, ConfigError
 from compress.core.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 # The engine's BlockContext and the recipe's RunContext, which the hooks below receive, are named in annotations
 # only: they build on this contract (compress.pipeline.engine, compress.pipeline.recipe), not the other way round.
+
+log = logging.getLogger("compress")
 
 FAMILIES = ("quantization", "pruning", "training-aware", "distillation")
 STATS = ("hessian", "input_norms", "input_absmax")
@@ -61,6 +65,10 @@ class Method:
     # True-sequential order inside a block (GPTQ's option): gather statistics group by group, each group seeing the
     # already-compressed outputs of the groups before it. Methods may ignore it.
     true_sequential: bool = False
+    # Mixture-of-experts weights: True where the method compresses each expert matrix as a linear (the recipe splits
+    # fused experts into one linear per expert matrix first, compress.layers.experts; hooks then see the tokens routed
+    # to each expert). Other weight methods refuse a model with fused experts before any work.
+    handles_experts: bool = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -90,13 +98,29 @@ class Method:
         for group in block.linear_groups(self.true_sequential):
             stats = block.collect(group, want) if (want and self.needs.calibration) else {n: None for n in group}
             for name in group:
-                new = self.compress_linear(block.qualified(name), block.get(name), stats[name])
+                s = stats[name]
+                if s is not None and s.ntokens == 0:  # an expert the router sent no calibration token
+                    new = self.unrouted_linear(block.qualified(name), block.get(name))
+                else:
+                    new = self.compress_linear(block.qualified(name), block.get(name), s)
                 if new is not None:
                     block.replace(name, new)
             del stats
 
     def compress_linear(self, name: str, linear: "nn.Module", stats: Any) -> "nn.Module | None":
         raise NotImplementedError(f"{self.name} must implement compress_linear or compress_block")
+
+    def unrouted_linear(self, name: str, linear: "nn.Module") -> "nn.Module | None":
+        """A linear that received no calibration token (an MoE expert the router never picked on the calibration
+        set): reported, then compressed by the method's data-free fallback (`compress_unrouted`)."""
+        self.report.setdefault("unrouted", []).append(name)
+        log.warning("%s: %s received no calibration token; %s", self.name, name, self.unrouted_fallback)
+        return self.compress_unrouted(name, linear)
+
+    unrouted_fallback: str = "no fallback"
+
+    def compress_unrouted(self, name: str, linear: "nn.Module") -> "nn.Module | None":
+        raise CompressError(f"{name} received no calibration token and {self.name} has no data-free fallback")
 
     # ---- model-level API ------------------------------------------------------------------------------------
     def apply(self, model: "nn.Module", ctx: "RunContext") -> "nn.Module":

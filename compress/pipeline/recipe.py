@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from compress.core.errors import ConfigError
+from compress.core.errors import CompressError, ConfigError
 from compress.core.readers import read_yaml
+from compress.layers.experts import fused_experts_modules, fused_to_split
 from compress.layers.kernels import select_kernels
 from compress.formats.base import record_stages
 from compress.pipeline.engine import Engine
-from compress.pipeline.method import Method, build_method
+from compress.pipeline.method import Method, all_methods, build_method
 
 log = logging.getLogger("compress")
 
@@ -63,6 +64,35 @@ class RunContext:
         ids = self.calibration.input_ids if self.calibration is not None else None
         return Engine(model, ids, device=self.device, batch_size=self.batch_size, spill=self.spill,
                       spill_dir=self.spill_dir, include=self.include, progress=self.progress)
+
+
+WEIGHT_FAMILIES = ("quantization", "pruning")
+
+
+def experts_refusers(stages: list[Method]) -> list[str]:
+    """Weight-compressing stages that cannot compress mixture-of-experts expert matrices."""
+    return [m.name for m in stages if m.family in WEIGHT_FAMILIES and not m.handles_experts]
+
+
+def expert_methods() -> list[str]:
+    """Names of the methods that compress expert matrices (imports every method: for error messages)."""
+    return [n for n, cls in all_methods().items() if cls.handles_experts]
+
+
+def _split_experts_for(group: list[Method], model: torch.nn.Module) -> None:
+    """Before a layer-wise pass that compresses weights: fused experts become one linear per expert matrix, or the
+    pass stops if one of its methods cannot compress them (never a silent 16-bit skip)."""
+    fused = fused_experts_modules(model)
+    if not fused or not any(m.family in WEIGHT_FAMILIES for m in group):
+        return
+    refusing = experts_refusers(group)
+    if refusing:
+        first = next(iter(fused))
+        raise CompressError(f"{first}.gate_up_proj (and the other experts of {len(fused)} blocks) are fused "
+                            f"mixture-of-experts weights, which {', '.join(refusing)} cannot compress; methods that "
+                            f"compress experts: {', '.join(expert_methods())}")
+    fused_to_split(model)
+    log.info("mixture of experts: %d fused experts modules split into one linear per expert matrix", len(fused))
 
 
 class Recipe:
@@ -126,6 +156,7 @@ class Recipe:
                 group = [stage]
                 while i + len(group) < len(self.stages) and self.stages[i + len(group)].layerwise:
                     group.append(self.stages[i + len(group)])
+                _split_experts_for(group, model)
                 for m in group:
                     m.prepare(model, ctx)
                 log.info("sequential pass: %s", " + ".join(m.name for m in group))

@@ -19,12 +19,12 @@ from compress.evals.size import size_report
 from compress.formats import check_output_dir, save_checkpoint
 from compress.layers.kernels import select_kernels
 from compress.layers.quant_embedding import quantize_embeddings
-from compress.pipeline.recipe import Recipe, RunContext
+from compress.pipeline.recipe import Recipe, RunContext, experts_refusers
 from compress.runs.results import append_record, environment, new_run_id, now_iso, peak_memory, read_records
 from compress.runs.spec import RunSpec, apply_paper_protocol
 from compress.sources.data import (check_calibration_supply, eval_text, get_calibration, resolve_data_dir,
                                    with_pydoc_fallback)
-from compress.sources.models import (ModelFacts, check_context, inspect_model, load_model, load_tokenizer,
+from compress.sources.models import (ModelFacts, check_context, float_folder, inspect_model, load_model, load_tokenizer,
                                      resolve_device, resolve_dtype)
 
 log = logging.getLogger("compress")
@@ -77,6 +77,8 @@ def validate(spec: RunSpec):
             raise ConfigError(f"--export {', '.join(spec.exports)} needs a checkpoint; drop --no-save")
     resolve_device(spec.device)
     resolve_dtype(spec.dtype)
+    if spec.stream == "on":
+        _check_streamable(spec, recipe)
     output = None
     if recipe is not None and spec.save:
         output = spec.output or default_output(spec, recipe)
@@ -104,6 +106,45 @@ def validate(spec: RunSpec):
                     raise
                 raise DataError(f"--paper-protocol (C4, 128 x 2048 tokens) cannot be met: {e}") from None
     return recipe, output
+
+
+def _check_streamable(spec: RunSpec, recipe: Recipe | None) -> None:
+    """--stream: what a block-by-block run cannot do, refused before any work."""
+    from compress.pipeline.stream import check_streamable
+
+    if recipe is None:
+        raise ConfigError("--stream compresses a model file to file; use it with a method")
+    check_streamable(recipe.stages)
+    if not spec.save:
+        raise ConfigError("--stream writes the checkpoint block by block; drop --no-save")
+    for flag, given in (("--export", spec.exports), ("--tasks", spec.tasks), ("--efficiency", spec.efficiency),
+                        ("--quantize-embeddings", spec.quantize_embeddings != "none"), ("--calib generated", spec.calib == "generated")):
+        if given:
+            raise ConfigError(f"--stream: {flag} needs the whole model in memory; run it on the checkpoint afterwards "
+                              "or drop --stream")
+
+
+def _stream_reason(spec: RunSpec, recipe: Recipe | None) -> str | None:
+    """Why this run streams (None: it runs in memory). Auto: a layer-wise run on a float folder whose weights would
+    take more than 80% of the available RAM in the compute dtype."""
+    if spec.stream == "on":
+        return "--stream on"
+    if spec.stream == "off" or recipe is None:
+        return None
+    import psutil
+
+    from compress.pipeline.stream import folder_weight_bytes
+
+    try:
+        _, folder = float_folder(spec.model)
+        _check_streamable(spec, recipe)
+    except CompressError:
+        return None
+    need = folder_weight_bytes(folder) * torch.empty(0, dtype=resolve_dtype(spec.dtype)).element_size() / 2
+    avail = psutil.virtual_memory().available
+    if need > 0.8 * avail:
+        return f"the model needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB of RAM are available"
+    return None
 
 
 def _check_against_model(recipe: Recipe, spec: RunSpec, facts: ModelFacts) -> None:
@@ -192,6 +233,10 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
              kept: list[str]) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = resolve_device(spec.device)
+    why = _stream_reason(spec, recipe)
+    if why is not None:
+        log.warning("streaming the model block by block (%s)", why)
+        return _execute_streamed(spec, recipe, output, console, store, kept, t_start, why)
     log.info("loading %s", spec.model)
     loaded = load_model(spec.model, dtype=spec.dtype, device="cpu")
     model, tok = loaded.model, loaded.tokenizer
@@ -235,8 +280,8 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
                      model_spec=spec.model, model_dtype=next(model.parameters()).dtype)
     if spec.teacher:
         ctx.teacher = load_model(spec.teacher, dtype=spec.dtype, device="cpu")
-    if any(st.family in ("quantization", "pruning") for st in recipe.stages):
-        refuse_fused_experts(model, recipe.method_name)
+    if experts_refusers(recipe.stages):  # weight methods that cannot compress MoE experts: stop before any work
+        refuse_fused_experts(model, ", ".join(experts_refusers(recipe.stages)))
     torch.manual_seed(spec.seed)
     t0 = time.perf_counter()
     model = recipe.run(model, ctx)
@@ -286,6 +331,72 @@ def _execute(spec: RunSpec, recipe: Recipe | None, output: str | None, console, 
     record["size_before"] = size_before
     record["size"] = size_report(model, output)
     record["model"]["params"] = size_before["params"]
+    return _finish(record, spec, t_start, console, store, kept)
+
+
+def _execute_streamed(spec: RunSpec, recipe: Recipe, output: str, console, store: bool, kept: list[str],
+                      t_start: float, why: str) -> dict[str, Any]:
+    """The run with one decoder block in memory at a time (compress.pipeline.stream): file to file, then the
+    checkpoint's perplexity block by block."""
+    from transformers import AutoTokenizer
+
+    from compress.evals.perplexity import streamed_perplexity
+    from compress.pipeline.stream import StreamedModel, stream_compress
+
+    _check_streamable(spec, recipe)
+    src, folder = float_folder(spec.model)
+    dtype = resolve_dtype(spec.dtype)
+    tok = AutoTokenizer.from_pretrained(folder)
+    fallback = spec.data_dir is None
+
+    def ppl_all(path: Path, label: str) -> dict[str, Any]:
+        out = {}
+        for ds in spec.eval:
+            res = streamed_perplexity(path, tok, ds, seqlen=spec.eval_seqlen, max_windows=spec.eval_windows,
+                                      data_dir=spec.data_dir, fallback=fallback, dtype=dtype, progress=spec.progress)
+            log.info("%s perplexity of the %s model (streamed): %.4f (%d windows of %d tokens, %.0f s)",
+                     res["protocol"]["dataset"], label, res["value"], res["protocol"]["windows"], spec.eval_seqlen,
+                     res["seconds"])
+            out[f"ppl_{res['protocol']['dataset']}"] = res
+        return out
+
+    before = ppl_all(folder, "uncompressed") if spec.baseline and spec.eval else {}
+    calib = None
+    if recipe.needs_calibration:
+        calib = get_calibration(spec.calib, tok, nsamples=spec.nsamples, seqlen=spec.seqlen, seed=spec.seed,
+                                data_dir=spec.data_dir, fallback=fallback and not spec.paper_protocol)
+    ctx = RunContext(tokenizer=tok, device=resolve_device(spec.device), calibration=calib, data_dir=spec.data_dir,
+                     seed=spec.seed, batch_size=spec.batch_size, spill=spec.spill, ignore=list(spec.ignore),
+                     progress=spec.progress, model_spec=spec.model, model_dtype=dtype)
+    torch.manual_seed(spec.seed)
+    t0 = time.perf_counter()
+    size_before = size_report(StreamedModel(folder, dtype).model)
+    facts = stream_compress(folder, recipe.stages, ctx, output, tok, overwrite=spec.overwrite, dtype=dtype,
+                            quant_info={"method": recipe.method_name, "setting": recipe.label()},
+                            stage_specs=recipe.specs())
+    compress_seconds = time.perf_counter() - t0
+    kept.append(f"checkpoint {output}")
+    model = facts["model"]
+    coverage = block_coverage(model)
+    log.info("coverage of the decoder blocks: %s", coverage_summary(coverage))
+    after = ppl_all(Path(output), "compressed") if spec.eval else {}
+    record: dict[str, Any] = {
+        "run_id": new_run_id(), "time": now_iso(), "kind": spec.kind, "status": "ok", "tag": spec.tag,
+        "model": {"name": src.display_name, "spec": spec.model, "source": src.kind, "fingerprint": None,
+                  "dtype": str(dtype).replace("torch.", ""), "params": size_before["params"]},
+        "method": recipe.method_name, "family": recipe.family, "setting": recipe.label(), "recipe": recipe.specs(),
+        "run": {k: v for k, v in spec.to_dict().items() if k not in ("stages", "progress")},
+        "streamed": {"reason": why, "blocks": facts["blocks"], "source_folder": str(folder)},
+        "calibration": calib.record() if calib else None,
+        "metrics": {"before": before, "after": after},
+        "compress_seconds": round(compress_seconds, 2),
+        "details": recipe.report(),
+        "coverage": {"compressed_modules": coverage["compressed_modules"],
+                     "compressed_params": coverage["compressed_params"],
+                     "kept": {k: len(v) for k, v in coverage["kept"].items()},
+                     "summary": coverage_summary(coverage)},
+        "checkpoint": str(output), "size_before": size_before, "size": size_report(model, output),
+    }
     return _finish(record, spec, t_start, console, store, kept)
 
 

@@ -83,6 +83,10 @@ class RunSpec:
     batch_size: int = option(8, "calibration sequences per forward pass in the engine")
     spill: str = option("auto", "keep the activation cache in a memory-mapped file on disk",
                         choices=("auto", "always", "never"))
+    stream: str = option("auto", "models larger than memory: read each decoder block from the safetensors folder when "
+                         "the engine reaches it, write it compressed to the checkpoint and free it; perplexity block by "
+                         "block too (layer-wise methods, float folders; auto: when the model would not fit in RAM)",
+                         choices=("auto", "on", "off"))
     ignore: list[str] = option(help="regex of linear layer names to leave uncompressed; repeatable", multiple=True,
                                factory=list)
     # compress fit (verb "fit" only)

@@ -163,6 +163,17 @@ def _gguf_cache_folder(src: ModelSource) -> Path:
     return cache_dir() / "models" / f"{stem}-{digest}"
 
 
+def float_folder(spec: str | None) -> tuple[ModelSource, Path]:
+    """The transformers safetensors folder a model spec reads from (the default's converted cache folder), for
+    streaming; a checkpoint of this project or a hub id has none here."""
+    src = resolve_source(spec)
+    if src.kind in ("default", "gguf"):
+        return src, _convert_gguf(src)
+    if src.kind == "folder":
+        return src, Path(src.path)
+    raise ModelError(f"--stream reads a local transformers folder of float safetensors; {spec!r} is a {src.kind}")
+
+
 def _convert_gguf(src: ModelSource) -> Path:
     """Load a GGUF file once through transformers and keep the float model as a safetensors folder in the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -78,6 +78,16 @@ class PruningMethod(Method):
         self.record_layer(name, keep, **facts)
         return mod
 
+    unrouted_fallback = "magnitude pruning within each output row (the score with equal input norms)"
+
+    def compress_unrouted(self, name: str, linear: nn.Module) -> nn.Module:
+        from compress.kernels.masks import keep_mask
+        from compress.layers.weights import linear_weight
+
+        weight = linear_weight(linear)
+        keep = keep_mask(weight.detach().float().abs(), self.config.target, self.config.nm(), scope="row")
+        return self.sparse_layer(name, linear, weight, keep, fallback="magnitude (no calibration token)")
+
     def record_layer(self, name: str, keep: torch.Tensor, **facts: Any) -> None:
         layers = self.report.setdefault("layers", {})
         layers[name] = {"sparsity": round(1 - keep.float().mean().item(), 6), **facts}
