@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budgets", default="3.5,3.0")
+    ap.add_argument("--budgets", default="3.5,3.0", help="bits-per-weight budgets to fit ('none': uniform points only)")
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -51,7 +51,7 @@ def main() -> None:
                   data_dir=os.environ.get("COMPRESS_DATA_DIR"), progress=False)
     t_all = time.perf_counter()
     if not args.table_only:
-        for b in [float(x) for x in args.budgets.split(",")]:
+        for b in [float(x) for x in args.budgets.split(",") if x.strip() not in ("", "none")]:
             t0 = time.perf_counter()
             spec = RunSpec.build({**common, "max_bits": b, "fit_methods": args.methods, "sensitivity": args.sensitivity,
                                   "output": str(out / "ckpt" / f"fit-{b}")}, kind="fit")
