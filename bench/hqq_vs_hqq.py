@@ -34,18 +34,10 @@ TORCH_PIN = "torch==2.13.0"
 
 
 def peer_python(venv: Path) -> Path:
-    """The peer venv's python, creating the venv on first use (a marker file says it is complete)."""
-    py = venv / "bin" / "python"
-    marker = venv / ".compress-bench-ready"
-    if marker.is_file() and py.is_file():
-        return py
-    print(f"creating {venv} with {PEER} (first run only; a few minutes)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    constraint = venv / "constraints.txt"
-    constraint.write_text(TORCH_PIN + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(constraint), TORCH_PIN, PEER, "safetensors"], check=True)
-    marker.write_text(subprocess.run([str(py), "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout)
-    return py
+    """The peer venv's python (bench/_peer.py), created on first use."""
+    from bench._peer import peer_python as make
+
+    return make(venv, PEER, TORCH_PIN, ())
 
 
 def main() -> None:
