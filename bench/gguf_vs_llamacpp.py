@@ -4,7 +4,9 @@
     python bench/gguf_vs_llamacpp.py --nsamples 16 --eval-windows 8    # quicker
 
 Rows: F16 (our float export of SmolLM2-135M-Instruct), llama.cpp's `llama_model_quantize` of that F16 file to Q4_0 /
-Q4_1 / Q8_0, and our exports written from the methods' codes: RTN and GPTQ 4-bit symmetric group 32 (Q4_0), GPTQ
+Q4_1 / Q8_0, and our exports written from the methods' codes: RTN and GPTQ 4-bit symmetric group 32 (Q4_0) on the
+plain symmetric grid (scale 2 max|w| / 15) and on ggml's signed-scale grid (`--signed-scale`: d = m / -8 with m the
+signed extreme, the rule of llama.cpp's own Q4_0, so "RTN Q4_0 signed" is llama.cpp's quantizer up to rounding), GPTQ
 4-bit asymmetric group 32 (Q4_1), RTN 8-bit symmetric group 32 (Q8_0). For every file llama.cpp (llama-cpp-python)
 measures the perplexity on compress's windows (WikiText-2 raw test, the model's tokenizer, non-overlapping windows,
 no BOS), the file size, and the greedy decode speed (32 tokens after a 7-token prompt, batch 1); for our rows
@@ -29,6 +31,9 @@ import torch
 OURS = {
     "ours RTN Q4_0": [{"method": "rtn", "bits": 4, "group_size": 32, "sym": True}],
     "ours GPTQ Q4_0": [{"method": "gptq", "bits": 4, "group_size": 32, "sym": True}],
+    # ggml's own Q4_0 grid (the signed extreme on code 0, all 16 levels): RTN on it is llama.cpp's Q4_0
+    "ours RTN Q4_0 signed": [{"method": "rtn", "bits": 4, "group_size": 32, "sym": True, "signed_scale": True}],
+    "ours GPTQ Q4_0 signed": [{"method": "gptq", "bits": 4, "group_size": 32, "sym": True, "signed_scale": True}],
     "ours GPTQ Q4_1": [{"method": "gptq", "bits": 4, "group_size": 32, "sym": False}],
     "ours RTN Q8_0": [{"method": "rtn", "bits": 8, "group_size": 32, "sym": True}],
 }
@@ -97,10 +102,10 @@ def main() -> None:
                "decode tok/s": gen["decode_tokens_per_s"], "compress ppl": None if ours_ppl is None else round(ours_ppl, 4),
                "types": _types(path), "eval s": ppl["seconds"], "note": note}
         rows.append(row)
-        print(f"{name:<18}{row['llama.cpp ppl']:>12.4f}{row['bytes'] / 2**20:>10.2f} MiB{row['decode tok/s']:>10.1f}"
+        print(f"{name:<22}{row['llama.cpp ppl']:>12.4f}{row['bytes'] / 2**20:>10.2f} MiB{row['decode tok/s']:>10.1f}"
               f"{'' if ours_ppl is None else f'{ours_ppl:>13.4f}':>13}  {row['types']}  {note}", flush=True)
 
-    print(f"{'row':<18}{'llama.cpp ppl':>12}{'size':>14}{'dec tok/s':>10}{'compress ppl':>13}  tensor types", flush=True)
+    print(f"{'row':<22}{'llama.cpp ppl':>12}{'size':>14}{'dec tok/s':>10}{'compress ppl':>13}  tensor types", flush=True)
     f16 = out / "f16.gguf"
     write_gguf(loaded.model, tok, f16, name="SmolLM2-135M-Instruct")  # llama.cpp's quantizer starts from this file
     calib = get_calibration("c4", tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=data_dir)

@@ -42,6 +42,9 @@ class AutoRoundConfig(WeightQuantConfig):
     minibatch: int = option(8, "calibration sequences per step (the paper's batch 8)", range=(1, None))
 
     def check(self) -> None:
+        if self.signed_scale:
+            raise ConfigError("--signed-scale: autoround learns its clipping on the min/max grid (SignRound eq. 1); "
+                              "use --sym alone")
         if self.observer != "minmax":
             raise ConfigError(f"autoround learns its own clipping (alpha, beta) from min/max; --observer {self.observer!r} "
                               "is not allowed (use minmax)")

@@ -34,6 +34,8 @@ class HQQConfig(WeightQuantConfig):
 
     def check(self) -> None:
         super().check()
+        if self.signed_scale:
+            raise ConfigError("--signed-scale: hqq's solver updates positive scales only; use --sym alone")
         if self.observer != "minmax":
             raise ConfigError(f"observer {self.observer!r}: hqq starts its solver from the min/max grid; allowed: minmax")
 

@@ -7,6 +7,10 @@ Conventions (those of the GPTQ reference code, arXiv 2210.17323):
   symmetric: scale = 2 max|w| / (2^b - 1), zero = 2^(b-1), the grid always spanning [-max|w|, +max|w|] -- also for a
   group with no negative weight (the GPTQ reference's `xmin[xmin < 0] = -xmax` leaves such a group at scale
   max/(2^b - 1) with zero 2^(b-1), which clips every value above (2^(b-1) - 1)/(2^b - 1) of the max; not done here);
+* signed-scale symmetric (`signed_scale`, ggml's Q4_0 / Q5_0 rule, `quantize_row_q4_0_ref`): scale = m / -2^(b-1)
+  with m the group's largest-magnitude weight *with its sign*, zero = 2^(b-1): m lands exactly on code 0 and the other
+  side reaches (2^(b-1) - 1) |scale|, so all 2^b levels are used (the plain symmetric grid above wastes half a step
+  on each side). The layout is the symmetric one; only the float16 scale may be negative;
 * q = clamp(round(w / scale) + zero, 0, 2^b - 1);  w_hat = scale * (q - zero).
 Scales are rounded to float16 *before* the codes are computed, so the float16 scales stored in every checkpoint
 format reproduce exactly the weights the algorithm chose.
@@ -38,8 +42,11 @@ class QuantSpec:
     group_size: int = 128  # -1: per output channel
     sym: bool = False
     observer: str = "minmax"  # how each group's range is chosen (OBSERVERS); not part of the stored grid
+    signed_scale: bool = False  # symmetric only: ggml's signed-extreme scale (see above); stored as a negative scale
 
     def __post_init__(self):
+        if self.signed_scale and not self.sym:
+            raise ConfigError("--signed-scale needs a symmetric grid (--sym): an asymmetric grid has a zero point instead")
         if self.observer not in OBSERVERS:
             raise ConfigError(f"observer {self.observer!r} is not known; allowed: {', '.join(OBSERVERS)}")
         if not (1 <= self.bits <= 8):
@@ -62,7 +69,8 @@ class QuantSpec:
     def label(self) -> str:
         g = "ch" if self.group_size == -1 else f"g{self.group_size}"
         obs = "" if self.observer == "minmax" else f" {self.observer}"
-        return f"w{self.bits} {g}{' sym' if self.sym else ''}{obs}"
+        sym = (" sym-signed" if self.signed_scale else " sym") if self.sym else ""
+        return f"w{self.bits} {g}{sym}{obs}"
 
 
 def find_params(w: torch.Tensor, spec: QuantSpec, col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +119,11 @@ def params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -
     zero_t = torch.zeros_like(wmin, dtype=torch.float32)
     xmin = torch.minimum(wmin.float(), zero_t)
     xmax = torch.maximum(wmax.float(), zero_t)
+    if spec.sym and spec.signed_scale:  # ggml quantize_row_q4_0_ref: d = max / -8, max the signed extreme
+        half = (spec.maxq + 1) // 2
+        ext = torch.where(-xmin > xmax, xmin, xmax)
+        ext = torch.where(ext == 0, torch.full_like(ext, float(half)), ext)  # an all-zero group: any scale is exact
+        return round_signed_scale(ext / -half), torch.full_like(ext, half)
     if spec.sym:  # ±max|w| whatever the signs (GPTQ ref. quant.py keeps xmin = 0 for a one-signed group: a bug)
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -129,6 +142,11 @@ def round_scale(scale: torch.Tensor) -> torch.Tensor:
     """Round scales to their stored precision (float16), keeping them positive and finite."""
     s = scale.float().clamp(min=_MIN_SCALE, max=float(torch.finfo(torch.float16).max))
     return s.to(SCALE_DTYPE).float()
+
+
+def round_signed_scale(scale: torch.Tensor) -> torch.Tensor:
+    """round_scale keeping each scale's sign (the signed-scale symmetric grid)."""
+    return torch.where(scale < 0, -round_scale(-scale), round_scale(scale))
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -332,9 +350,18 @@ class WeightQuantConfig(MethodConfig):
     group_size: int = option(128, "input columns sharing one scale/zero (a shorter last group where the width is not a "
                                   "multiple); -1: one group per output channel", range=(1, None), special={-1: "per-channel"})
     sym: bool = option(False, "symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric min/max")
+    signed_scale: bool = option(False, "with --sym: each group's scale takes the sign of its largest-magnitude weight, "
+                                       "which lands exactly on the lowest code (ggml's Q4_0/Q5_0 rule: all 2^bits "
+                                       "levels used, the grid llama.cpp's own quantizer uses); same layout, the float16 "
+                                       "scale may be negative")
     observer: str = option("minmax", "each group's range: minmax; mse (the clip ratio with the least squared error, "
                                      "GPTQ's mse search); act-mse (that error weighted per column by the calibration "
                                      "inputs' mean x^2, the imatrix idea; needs calibration)", choices=OBSERVERS)
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym, self.observer)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.observer, self.signed_scale)
+
+    def validate(self) -> None:  # here, not in check(): methods override check() without calling it
+        if self.signed_scale and not self.sym:
+            raise ConfigError("--signed-scale needs --sym (a symmetric grid); an asymmetric grid has a zero point instead")
+        super().validate()
