@@ -53,6 +53,7 @@ def _unpack_reference(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     {"bits": 3, "group_size": 32, "act_order": True, "static_groups": False},  # act-order group index
     {"bits": 2, "group_size": -1, "sym": True},
     {"bits": 8, "group_size": 64},  # 96 columns: a shorter last group
+    {"bits": 4, "group_size": 32, "sym": True, "signed_scale": True},  # negative float16 scales
 ])
 def test_gptq_layout_and_reload(opts, tmp_path, tiny_tok):
     from safetensors.torch import load_file
@@ -133,7 +134,8 @@ def test_gptq_refusals(tmp_path, tiny_tok):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("opts", [{"bits": 4, "group_size": 32, "sym": True}, {"bits": 3, "group_size": -1, "sym": True}])
+@pytest.mark.parametrize("opts", [{"bits": 4, "group_size": 32, "sym": True}, {"bits": 3, "group_size": -1, "sym": True},
+                                  {"bits": 4, "group_size": 32, "sym": True, "signed_scale": True}])
 def test_compressed_tensors_loads_in_plain_transformers(opts, tmp_path, tiny_tok):
     from transformers import AutoModelForCausalLM
 
