@@ -12,6 +12,10 @@ from compress.kernels.weight_only import int4_kernel_group
 from compress.layers.kernels import kernel_table, select_kernels
 from compress.layers.quant_linear import OWQLinear, QuantLinear
 
+from unittest import mock  # noqa: E402
+
+from compress.kernels import weight_only  # noqa: E402
+
 HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -25,13 +29,15 @@ def _layer(out_f, in_f, bits, group, sym, *, bias=False, dtype=torch.float32, se
 
 
 def _compare(layer, dtype, tokens=5):
+    """The kernel's output (forced for this many rows) against the exact float32 product and the fallback."""
     x = torch.randn(tokens, layer.in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
     ref = F.linear(x.float(), layer.dequantize_weight(torch.float32),
                    None if layer.bias is None else layer.bias.float())  # exact float32 reference
     fallback = F.linear(x, layer.dequantize_weight(dtype), None if layer.bias is None else layer.bias.to(dtype))
     kernel = layer.select_kernel()
     assert kernel.startswith("quantized:"), kernel
-    got = layer(x)
+    with mock.patch.dict(weight_only.INT4_CPU_MAX_ROWS, {dtype: 10**9}):  # the kernel for every row count
+        got = layer(x)
     assert got.dtype == dtype
     scale = ref.abs().max().item()
     if dtype == torch.float32:
@@ -122,3 +128,26 @@ def test_disabled_kernels_and_grad_use_the_fallback(monkeypatch):
     layer(x).sum().backward()  # autograd needs the float path; the kernels have no backward
     assert x.grad is not None
     assert kernel_table(torch.nn.Sequential(layer)) == {"0": layer.kernel}
+
+
+@pytest.mark.skipif(not HAS_INT4, reason="this torch has no _weight_int4pack_mm_for_cpu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_calls_with_many_rows_take_the_faster_fallback(dtype):
+    """Above INT4_CPU_MAX_ROWS rows per call a CPU int4 layer de-quantizes (bit-equal to the disabled-kernel path);
+    at or below it the kernel runs (its own rounding); the layer says so in its kernel description."""
+    layer = _layer(48, 256, 4, 64, False, dtype=dtype)
+    limit = weight_only.int4_cpu_max_rows(dtype)
+    many = torch.randn(limit + 1, 256).to(dtype)
+    few = torch.randn(limit, 256).to(dtype)
+    layer.select_kernel(False)
+    fb_many, fb_few = layer(many), layer(few)
+    assert "calls of more than" in layer.select_kernel(True)
+    assert torch.equal(layer(many), fb_many)
+    assert not torch.equal(layer(few), fb_few) or dtype == torch.float32  # the kernel's own rounding
+    calls = []
+    real = weight_only.int4_matmul
+    import compress.layers.quant_linear as ql
+    with mock.patch.object(ql, "int4_matmul", side_effect=lambda *a: calls.append(1) or real(*a)):
+        layer(few)
+        layer(many)
+    assert calls == [1]

@@ -25,6 +25,15 @@ import torch
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm accepts, largest first
 INNER_K_TILES = 8  # CUDA layout parameter (K must be a multiple of 16 * inner_k_tiles); the CPU layout ignores it
+# The CPU int4 kernel is built for few rows: above these many rows (tokens) per call the de-quantized float matmul is
+# faster, so such calls take it (bench/int4_crossover.py: SmolLM2's 1536x576 and 576x1536, 1 thread, bfloat16 the
+# kernel wins up to ~128-256 rows and loses ~1.4x at 512; float32 it wins only at 1 row and loses 56x at 512).
+INT4_CPU_MAX_ROWS = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 1}
+
+
+def int4_cpu_max_rows(dtype: torch.dtype) -> int:
+    """Most rows per call for which the CPU int4 kernel is used (more: the de-quantization fallback)."""
+    return INT4_CPU_MAX_ROWS.get(dtype, 1)
 
 
 def _has(op: str) -> bool:
