@@ -52,7 +52,7 @@ def _input_moments(model: nn.Module, lins: dict[str, nn.Module], ids: torch.Tens
     hooks = []
     for n, m in lins.items():
         def hook(_m, args, _out, n=n):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
             acc[n] = x.t() @ x if acc[n] is None else acc[n] + x.t() @ x
         hooks.append(m.register_forward_hook(hook))
     for row in ids:
@@ -76,7 +76,7 @@ def _measure(model, lins, moments, spec) -> dict[str, float]:
     for n, m in lins.items():
         w = m.weight.detach().float()
         dw = (rtn_quantize(w, spec).dequantize() - w).double()
-        s = moments[n]
+        s = moments[n].double()
         werr.append(float((dw ** 2).sum() / (w.double() ** 2).sum()))
         oerr.append(float(torch.trace(dw @ s @ dw.t()) / torch.trace(w.double() @ s @ w.double().t())))
         kurt.append(_kurtosis(w, spec.group_size if spec.group_size > 0 else w.shape[1]))
