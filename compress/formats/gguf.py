@@ -10,7 +10,8 @@ with the `gguf` package's GGUFWriter. Quantized linears are written from the cod
 
 Within a block, values 0-15 sit in the low nibbles of the 16 bytes and values 16-31 in the high nibbles; bit j of a
 Q5 block's uint32 is the fifth bit of value j. Symmetric grids are exact (our zero point is 2^(bits-1), the types'
-fixed offset); asymmetric ones store m = -d * zero rounded to fp16, the one rounding the type imposes (|error| <=
+fixed offset; the float16 scale d may be negative: `--signed-scale`, ggml's own Q4_0/Q5_0 grid, which puts each
+block's signed extreme on code 0); asymmetric ones store m = -d * zero rounded to fp16, the one rounding the type imposes (|error| <=
 half an fp16 ulp of m per weight). Any other grid (3/2/6/7-bit, groups other than 32, per-channel, an act-order group
 index, OWQ's float columns, W8A8, NF4) has no GGUF type and is refused with one line before any work, unless
 `--gguf-requant TYPE` asks for the de-quantized weights to be re-quantized with gguf.quants (llama.cpp's reference
@@ -118,6 +119,9 @@ def check_plan(stages: list[tuple[str, dict[str, Any]]], options: dict[str, Any]
         act_order = bool(cfg.get("act_order")) and not bool(cfg.get("static_groups"))
         if grid_type(bits, gs, bool(cfg.get("sym")), act_order) is None:
             raise refusal(f"{name}'s grid ({_grid_label(bits, gs, bool(cfg.get('sym')), act_order)})")
+        if cfg.get("sym") and bits in (4, 5) and not cfg.get("signed_scale") and name not in ("hqq", "autoround"):
+            log.info("gguf: %s %d-bit symmetric uses GPTQ's grid (2 max|w| / %d); --signed-scale gives ggml's own "
+                     "Q%d_0 grid (all %d levels), usually lower error", name, bits, 2**bits - 1, bits, 2**bits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
