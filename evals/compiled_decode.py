@@ -11,7 +11,7 @@ pre-packed for oneDNN; the model must not be changed afterwards). Compilation ha
 token); inductor keeps what it generated on disk (its FX graph cache, by default under
 /tmp/torchinductor_<user>), so a second process compiles the same step faster (Dynamo's tracing is redone).
 The integer weight-only matmuls stay `aten._weight_int4pack_mm_for_cpu` / `aten._weight_int8pack_mm` calls in the
-compiled graph (`kernel_calls` in tests/test_compiled_decode.py checks the generated code).
+compiled graph (tests/test_compiled_decode.py reads the generated code).
 
 One decoder serves repeated generations: `generate` resets the cache (zeroes, position 0) and reuses the compiled
 step, whose guards hold as long as the cache tensors are the same.
@@ -71,7 +71,8 @@ class StaticDecoder:
         self.compile_seconds: float | None = None  # the first compiled step's time (compile + one token)
         device = next(model.parameters()).device
         # inductor's freezing (weights as constants) lets it pre-pack the float linears for oneDNN on the CPU: the
-        # bf16 decode step of SmolLM2 went from 81 to 50 ms with it (docs/benchmarks.md, "Inference speed")
+        # bf16 decode step of SmolLM2 went from 81 to 50 ms with it after a 64-token prompt; after 512 tokens no gain
+        # was seen (docs/benchmarks.md, "Compiled decode")
         self.freeze = device.type == "cpu" if freeze is None else freeze
         self._step = (torch.compile(self._eager_step, dynamic=False, options={"freezing": self.freeze})
                       if compile else self._eager_step)
