@@ -7,6 +7,7 @@ of compress.evals.efficiency). Prints a Markdown table with the date, commit, ma
 
     python bench/inference_speed.py [--repeats 3] [--prompt-len 512] [--decode-tokens 128] [--gptq]
         [--llama-python /path/to/python] [--only bf16,rtn-w4-g64] [--json out.json] [--threads N]
+        [--compile bf16,rtn-w4-g64,rtn-w8-ch]   # adds "<variant> compiled" rows and their compile seconds
 """
 from __future__ import annotations
 
@@ -79,17 +80,28 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); on a shared machine "
                                                               "1 thread avoids thread-pool stalls")
+    ap.add_argument("--compile", default=None, metavar="VARIANTS",
+                    help="also a compiled row (static KV cache + torch.compile'd decode step) of each of these "
+                         "comma-separated variants ('all': every variant run), e.g. bf16,rtn-w4-g64,rtn-w8-ch")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in VARIANTS if args.only is None or n in args.only.split(",")]
     if not args.gptq and args.only is None:
         names = [n for n in names if not n.startswith("gptq")]
+    compiled = set(names if args.compile == "all" else (args.compile or "").split(",")) - {""}
+    if compiled - set(names):
+        sys.exit(f"--compile {args.compile}: {', '.join(sorted(compiled - set(names)))} not among the variants run "
+                 f"({', '.join(names)})")
     head = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": _git("rev-parse", "--short", "HEAD") + ("+dirty" if _git("status", "--porcelain") else ""),
             "uptime_before": _uptime(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "protocol": f"batch 1, prompt {args.prompt_len} random token ids (seed 0), {args.decode_tokens} new tokens "
-                        f"greedy with KV cache, median of {args.repeats} after 1 warm-up, eager PyTorch",
+                        f"greedy with KV cache, median of {args.repeats} after 1 warm-up, eager PyTorch"
+                        + ("; compiled rows: static KV cache, torch.compile(dynamic=False) of the one-token decode "
+                           "step, eager prefill, compile = the warm-up's first compiled step (compile + 1 token)"
+                           if compiled else ""),
+            "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "default (/tmp/torchinductor_<user>)",
             "calibration": f"wikitext2 train, {args.nsamples} x 512 tokens (GPTQ, SmoothQuant, LLM-Pruner)"}
     loaded = load_model(args.model, dtype="bfloat16")
     base, tok = loaded.model, loaded.tokenizer
@@ -102,14 +114,27 @@ def main() -> None:
         model = base if not stages else Recipe.from_specs(stages).run(
             copy.deepcopy(base), RunContext(tokenizer=tok, calibration=calib if needs else None, progress=False,
                                             model_dtype=torch.bfloat16))
-        speed = measure_speed(model, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
-                              repeats=args.repeats)
         kern = kernel_report(model)
-        rows[name] = {"prefill": speed["prefill_tokens_per_second"], "decode": speed["decode_tokens_per_second"],
-                      "peak_rss_mib": round(speed["peak_memory_bytes"] / 2**20, 1),
-                      "bits_per_weight": model_size(model)["bits_per_weight"],
-                      "kernels": dict(Counter(kern["per_layer"].values()))}
-        print(f"{name}: prefill {rows[name]['prefill']:.1f} tok/s, decode {rows[name]['decode']:.2f} tok/s", flush=True)
+        for row, comp in ((name, False), (f"{name} compiled", True)):
+            if comp and name not in compiled:
+                continue
+            try:
+                speed = measure_speed(model, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+                                      repeats=args.repeats, compile=comp)
+            except Exception as e:  # a compile failure is a result to record, not a crash of the other rows
+                if not comp:
+                    raise
+                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"{row}: not measured: {msg}", flush=True)
+                rows[row] = {"error": msg}
+                continue
+            rows[row] = {"prefill": speed["prefill_tokens_per_second"], "decode": speed["decode_tokens_per_second"],
+                         "peak_rss_mib": round(speed["peak_memory_bytes"] / 2**20, 1),
+                         "bits_per_weight": model_size(model)["bits_per_weight"],
+                         "kernels": dict(Counter(kern["per_layer"].values())),
+                         "compile_seconds": speed.get("compile_seconds")}
+            print(f"{row}: prefill {rows[row]['prefill']:.1f} tok/s, decode {rows[row]['decode']:.2f} tok/s"
+                  + (f", compile {rows[row]['compile_seconds']:.1f} s" if comp else ""), flush=True)
         if model is not base:
             del model
             gc.collect()
@@ -141,24 +166,29 @@ def _print_table(head: dict, rows: dict, llama: dict | None) -> None:
     print(f"\n{head['date']} · commit {head['commit']} · torch {head['torch']} · {head['threads']} threads\n"
           f"load before: {head['uptime_before']}\nload after:  {head['uptime_after']}\n{head['protocol']}; "
           f"{head['calibration']}\n")
-    print("| model | prefill tok/s | × bf16 | decode tok/s | × bf16 | peak RSS MiB | bits/weight | kernels (layers) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| model | prefill tok/s | × bf16 | decode tok/s | × bf16 | compile s | peak RSS MiB | bits/weight | "
+          "kernels (layers) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in rows.items():
+        if "error" in r:
+            print(f"| {name} | not measured: {r['error']} | | | | | | | |")
+            continue
         kern = Counter()
         for k, n in r["kernels"].items():
             kern[_short(k)] += n
         pr = f"{r['prefill'] / ref['prefill']:.2f}" if ref else "-"
         dr = f"{r['decode'] / ref['decode']:.2f}" if ref else "-"
         ks = ", ".join(f"{k} ({n})" for k, n in kern.most_common())
-        print(f"| {name} | {r['prefill']:.1f} | {pr} | {r['decode']:.2f} | {dr} | {r['peak_rss_mib']:.0f} | "
+        cs = f"{r['compile_seconds']:.1f}" if r.get("compile_seconds") is not None else "-"
+        print(f"| {name} | {r['prefill']:.1f} | {pr} | {r['decode']:.2f} | {dr} | {cs} | {r['peak_rss_mib']:.0f} | "
               f"{r['bits_per_weight']} | {ks} |")
     if llama:
         pr = f"{llama['prefill_tokens_per_second'] / ref['prefill']:.2f}" if ref else "-"
         dr = f"{llama['decode_tokens_per_second'] / ref['decode']:.2f}" if ref else "-"
         print(f"| llama.cpp {llama['llama_cpp_version']} ({llama['gguf']}) | {llama['prefill_tokens_per_second']:.1f} "
-              f"| {pr} | {llama['decode_tokens_per_second']:.2f} | {dr} | - | - | llama.cpp |")
+              f"| {pr} | {llama['decode_tokens_per_second']:.2f} | {dr} | - | - | - | llama.cpp |")
     else:
-        print("| llama.cpp | not measured | | | | | | |")
+        print("| llama.cpp | not measured | | | | | | | |")
 
 
 if __name__ == "__main__":

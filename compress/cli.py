@@ -299,8 +299,11 @@ def _generate_cmd() -> click.Command:
     @click.option("--dtype", default="auto", show_default=True, help="auto (a checkpoint's own), float32, bfloat16, float16")
     @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda[:N]")
     @click.option("--threads", default=None, type=int, help="CPU threads (default: torch's)")
+    @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+                  help="decode with a static KV cache and a torch.compile'd one-token step (compiles first; eager "
+                       "prefill)")
     def generate_cmd(model: str, prompt: str, max_new_tokens: int, chat: bool, dtype: str, device: str,
-                     threads: int | None) -> None:
+                     threads: int | None, compile_: bool) -> None:
         import sys
 
         from compress.runs.generate import generate
@@ -311,7 +314,7 @@ def _generate_cmd() -> click.Command:
                 sys.stdout.flush()
 
             r = generate(model, prompt, max_new_tokens=max_new_tokens, chat=chat, dtype=dtype, device=device,
-                         threads=threads, write=write)
+                         threads=threads, compile=compile_, write=write)
         except CompressError as e:
             _fail(e)
         sys.stdout.write("\n")
@@ -321,6 +324,9 @@ def _generate_cmd() -> click.Command:
                    f"{r['decode_seconds']:.2f} s) · peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB "
                    f"({r['peak_memory_measure']}) · {r['device']}, {r['threads']} threads, {r['dtype']}, batch 1, "
                    f"greedy, one run without warm-up", err=True)
+        if r["compile_seconds"] is not None:
+            click.echo(f"compile {r['compile_seconds']:.1f} s (the first compiled decode step, left out of the decode "
+                       f"speed; static KV cache, torch.compile)", err=True)
         for kernel, n in r["kernels"].items():
             click.echo(f"  {n} layer{'s' if n != 1 else ''}: {kernel}", err=True)
 

@@ -124,16 +124,22 @@ def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, eo
     return tokens, t1 - t0, t2 - t1
 
 
-def _one_run(model: nn.Module, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, seconds per decoded token) of one greedy generation with the KV cache."""
-    tokens, prefill, decode = greedy_decode(model, prompt, decode_tokens + 1)
-    return prefill, decode / max(len(tokens) - 1, 1)
+def _one_run(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, decoder=None) -> tuple[float, float]:
+    """(prefill seconds, seconds per decoded token) of one greedy generation with the KV cache (a dynamic one, or
+    the static cache and compiled step of `decoder`, a compress.evals.compiled_decode.StaticDecoder)."""
+    if decoder is None:
+        tokens, prefill, decode = greedy_decode(model, prompt, decode_tokens + 1)
+        return prefill, decode / max(len(tokens) - 1, 1)
+    tokens, prefill, decode = decoder.generate(prompt, decode_tokens + 1)
+    return prefill, decode / max(decoder.timed_steps, 1)
 
 
 @torch.no_grad()
 def measure_speed(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int = 32, repeats: int = 3,
-                  seed: int = 0) -> dict[str, Any]:
-    """Prefill and decode tokens per second of `model` on the device it is on, and the peak memory meanwhile."""
+                  seed: int = 0, compile: bool = False) -> dict[str, Any]:
+    """Prefill and decode tokens per second of `model` on the device it is on, and the peak memory meanwhile.
+    `compile`: decode with a static KV cache and a torch.compile'd one-token step (the prefill stays eager); the
+    warm-up compiles it, and `compile_seconds` reports that first compiled step (compile + one token)."""
     if prompt_len < 1 or decode_tokens < 1 or repeats < 1:
         raise ConfigError(f"efficiency: prompt_len {prompt_len}, decode_tokens {decode_tokens} and repeats {repeats} "
                           f"must all be >= 1")
@@ -151,8 +157,13 @@ def measure_speed(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int
     host_reset = reset_host_peak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _one_run(model, prompt, min(decode_tokens, 4))  # warm-up (allocator, kernels), untimed
-    runs = [_one_run(model, prompt, decode_tokens) for _ in range(repeats)]
+    decoder = None
+    if compile:
+        from compress.evals.compiled_decode import StaticDecoder
+
+        decoder = StaticDecoder(model, prompt_len + decode_tokens, compile=True)
+    _one_run(model, prompt, min(decode_tokens, 4), decoder)  # warm-up (allocator, kernels, compile), untimed
+    runs = [_one_run(model, prompt, decode_tokens, decoder) for _ in range(repeats)]
     if was_training:
         model.train()
     prefill = statistics.median(r[0] for r in runs)
@@ -165,8 +176,12 @@ def measure_speed(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int
         "threads": torch.get_num_threads(),
         "protocol": {"batch": 1, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats,
                      "statistic": "median", "warmup": 1, "prompt": f"random token ids, seed {seed}",
-                     "decode": "greedy with KV cache; the prefill includes the first new token"},
+                     "decode": "greedy with KV cache; the prefill includes the first new token"
+                               + ("; static KV cache, torch.compile'd one-token step (dynamic=False), eager prefill"
+                                  if compile else "")},
     }
+    if decoder is not None:
+        out["compile_seconds"] = round(decoder.compile_seconds, 2)
     if device.type == "cuda":
         out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
         out["peak_memory_measure"] = "torch.cuda.max_memory_allocated during the measurement (weights included)"

@@ -38,3 +38,17 @@ def test_generate_missing_and_corrupt_checkpoints_fail_in_one_line(tiny_model_di
     assert "model.safetensors" in res.output and "truncated" in res.output  # the guarded reader names the file
     res = CliRunner().invoke(main, ["generate", "-m", str(ck), "--prompt", "hi", "-n", "0"])
     assert res.exit_code == 2 and "--max-new-tokens 0" in res.output
+
+
+def test_generate_compile_reports_compile_time(tiny_model_dir, tmp_path):
+    from compress.evals.compiled_decode import compiler_missing
+
+    why = compiler_missing()
+    if why:
+        import pytest
+
+        pytest.skip(f"torch.compile unavailable: {why}")
+    ck = _ckpt(tiny_model_dir, tmp_path)
+    res = CliRunner().invoke(main, ["generate", "-m", str(ck), "--prompt", "hello world", "-n", "5", "--compile"])
+    assert res.exit_code == 0, res.output
+    assert "compile " in res.output and "left out of the decode speed" in res.output
