@@ -98,3 +98,16 @@ def test_not_positive_definite_retries_with_more_damping(caplog):
     H[0, 1] = H[1, 0] = H[0, 1] + 5.0  # now indefinite
     inv = inverse_cholesky(H, 0.01)
     assert inv.percdamp > 0.01 and torch.isfinite(inv.upper).all()
+
+
+def test_inverse_cholesky_in_place_equals_the_textbook_steps():
+    """The one-buffer inverse Cholesky gives the bits of chol(chol_inverse(chol(H + damp I))), upper, each a new tensor."""
+    X = torch.randn(300, 96, generator=torch.Generator().manual_seed(1))
+    H = 2 * X.t() @ X / 300
+    before = H.clone()
+    damp = 0.01 * torch.diag(H).mean().item()
+    L = torch.linalg.cholesky(H + damp * torch.eye(96))
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    got = inverse_cholesky(H, 0.01)
+    assert torch.equal(got.upper, U) and got.percdamp == 0.01
+    assert torch.equal(H, before)  # the caller's H is left as it was

@@ -144,3 +144,25 @@ def test_cli_stream_refusals_are_one_line(tiny_model_dir, tmp_path):
                    str(tmp_path / "x"), *extra], tmp_path)
         assert res.exit_code != 0 and msg in res.output, res.output
         assert not (tmp_path / "x").exists()
+
+
+def test_streamed_run_holds_no_embeddings_or_head_after_writing_them(tmp_path, tiny_tok, monkeypatch):
+    """RTN needs no capture: the non-block tensors are written first and freed at once, not kept for the pass."""
+    from compress.pipeline import stream as st
+    from compress.pipeline.stream import stream_compress
+
+    src = _folder(tmp_path)
+    recipe = Recipe.from_specs(SPECS["rtn"])
+    seen = []
+
+    real = st.StreamedModel.load_block
+
+    def load_block(self, i):
+        seen.append([n for n, p in self.model.named_parameters() if not n.startswith(self.prefix + ".") and not p.is_meta])
+        return real(self, i)
+
+    monkeypatch.setattr(st.StreamedModel, "load_block", load_block)
+    facts = stream_compress(src, recipe.stages, RunContext(progress=False), tmp_path / "o", tiny_tok,
+                            stage_specs=recipe.specs())
+    assert seen == [[]] * 3
+    assert all(p.is_meta for p in facts["model"].parameters())

@@ -41,16 +41,20 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, *, dead: torch.Ten
     if not (mean_diag > 0) or not torch.isfinite(H).all():
         raise ValueError(f"{name or 'layer'}: Hessian is empty or not finite (mean diagonal {mean_diag})")
     damp_frac = percdamp
-    eye = torch.eye(n, device=H.device, dtype=H.dtype)
+    # One [n, n] buffer beside H, each step written over the last (the factorisations give the same bits in place):
+    # for a down projection of width 11008 every such matrix is 0.5 GB, what a streamed run's peak is made of.
+    work = torch.empty_like(H)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(max_tries):
-        Hd = H + (damp_frac * mean_diag) * eye
-        L, info = torch.linalg.cholesky_ex(Hd)
+        work.copy_(H)
+        work.diagonal().add_(damp_frac * mean_diag)  # the same sums as H + damp * I
+        torch.linalg.cholesky_ex(work, out=(work, info))  # L
         if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info2.item() == 0 and torch.isfinite(U).all():
+            torch.cholesky_inverse(work, out=work)  # (H + damp I)^-1
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))  # U
+            if info.item() == 0 and torch.isfinite(work).all():
                 if attempt:
                     log.warning("%s: Hessian not positive definite at dampening %.3g; used %.3g", name or "layer", percdamp, damp_frac)
-                return InverseHessian(U, dead if dead is not None else torch.zeros(n, dtype=torch.bool, device=H.device), damp_frac)
+                return InverseHessian(work, dead if dead is not None else torch.zeros(n, dtype=torch.bool, device=H.device), damp_frac)
         damp_frac *= 10
     raise ValueError(f"{name or 'layer'}: Hessian stays singular even at dampening {damp_frac / 10:.3g}")

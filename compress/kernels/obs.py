@@ -144,7 +144,8 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | Non
         if n_q < in_f:
             perm = torch.cat([perm, torch.arange(n_q, in_f, device=W.device)])
         W = W[:, perm]
-        H = H[perm][:, perm]
+        H = H[perm]  # in two steps: one [in, in] copy alive beside H at a time, not two
+        H = H[:, perm]
         hdiag = hdiag[perm] if hdiag is not None else None
         keep = keep[:, perm] if keep is not None else None
     inv = inverse_cholesky(H, percdamp, dead=dead, name=name)
