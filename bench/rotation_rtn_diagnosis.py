@@ -7,7 +7,9 @@ chosen blocks: the relative weight error of RTN on the grid, ||W - Q(W)||^2 / ||
 weights within each group (a Gaussian group: 0; a uniform one: -1.2); and the relative output error on calibration
 inputs, tr(dW S dW^T) / tr(W S W^T) with S = E[x x^T] of that linear's inputs (C4 train, --nsamples x --seqlen, the
 same tokens through both models). Also how many groups of 32 of the original weights hold at most 16 distinct values
-(the model's linears were GGUF Q4_1, so all of them do). Medians over the linears; prints date, commit and load.
+(the model's linears were GGUF Q4_1, so all of them do), and how much each RMSNorm's scale g suppresses the channels
+where its normalized input xhat has its energy (k < 1: it does; folding g into the weights and rotating undoes that
+suppression for the quantization error). Medians over the linears; prints date, commit and load.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _linears(model: nn.Module, blocks: set[int]) -> dict[str, nn.Module]:
         i = parts.index("layers") + 1 if "layers" in parts else len(parts)
         if i >= len(parts) or int(parts[i]) not in blocks:
             continue
-        if isinstance(mod, nn.Linear) and not name.endswith("down_proj"):
+        if isinstance(mod, nn.Linear) and ".down_proj" not in name:
             out[name] = mod
         elif name.endswith("down_proj.linear") or (name.endswith("down_proj") and isinstance(mod, nn.Linear)):
             out[name.removesuffix(".linear")] = mod
@@ -62,6 +64,32 @@ def _input_moments(model: nn.Module, lins: dict[str, nn.Module], ids: torch.Tens
     return acc
 
 
+@torch.no_grad()
+def _gamma_suppression(model: nn.Module, ids: torch.Tensor) -> dict[str, list[float]]:
+    """Per block and norm: k = sum_j g_j^2 E[xhat_j^2] / (mean(g^2) sum_j E[xhat_j^2]), xhat the normalized input
+    before the norm's scale g (k < 1: g is small where xhat has its energy), and the energy share of the top 3
+    channels. Folding g into the next linears and rotating (R1) hands that energy to every input direction."""
+    acc: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for i, blk in enumerate(model.model.layers):
+        for kind in ("input_layernorm", "post_attention_layernorm"):
+            def hook(mod, args, _out, key=(i, kind)):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                acc.setdefault(key, []).append((x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).pow(2).mean(0))
+            hooks.append(getattr(blk, kind).register_forward_hook(hook))
+    for row in ids:
+        model(input_ids=row[None])
+    for h in hooks:
+        h.remove()
+    out: dict[str, list[float]] = {"input_layernorm": [], "post_attention_layernorm": [], "top3 share": []}
+    for (i, kind), v in acc.items():
+        e = torch.stack(v).mean(0)
+        g2 = getattr(model.model.layers[i], kind).weight.float() ** 2
+        out[kind].append(float((g2 * e).sum() / (g2.mean() * e.sum())))
+        out["top3 share"].append(float(e.topk(3).values.sum() / e.sum()))
+    return out
+
+
 def _kurtosis(w: torch.Tensor, g: int) -> float:
     x = w.double().reshape(w.shape[0], -1, g)
     x = x - x.mean(-1, keepdim=True)
@@ -75,10 +103,10 @@ def _measure(model, lins, moments, spec) -> dict[str, float]:
     per = {}
     for n, m in lins.items():
         w = m.weight.detach().float()
-        dw = (rtn_quantize(w, spec).dequantize() - w).double()
-        s = moments[n].double()
-        werr.append(float((dw ** 2).sum() / (w.double() ** 2).sum()))
-        oerr.append(float(torch.trace(dw @ s @ dw.t()) / torch.trace(w.double() @ s @ w.double().t())))
+        dw = rtn_quantize(w, spec).dequantize() - w
+        s = moments[n]
+        werr.append(float((dw ** 2).sum() / (w ** 2).sum()))
+        oerr.append(float(((dw @ s) * dw).sum() / ((w @ s) * w).sum()))  # tr(dW S dW^T) / tr(W S W^T)
         kurt.append(_kurtosis(w, spec.group_size if spec.group_size > 0 else w.shape[1]))
         per[n] = oerr[-1]
     return {"weight err": statistics.median(werr), "output err": statistics.median(oerr),
@@ -108,6 +136,12 @@ def main() -> None:
     distinct = [int(torch.unique(grp).numel() <= 16) for m in lins.values()
                 for grp in m.weight.detach().reshape(-1, 32)[:: 97]]
     print(f"original groups of 32 with <= 16 distinct values: {sum(distinct)}/{len(distinct)} (sampled)")
+    sup = _gamma_suppression(model, calib.input_ids)
+    print("norm scale vs input energy, k = sum g^2 E[xhat^2] / (mean g^2 sum E[xhat^2]) over the 30 blocks (median, "
+          "min): input_layernorm %.3f, %.3f; post_attention_layernorm %.3f, %.3f; top-3 channels' share of E[xhat^2] "
+          "median %.3f" % (statistics.median(sup["input_layernorm"]), min(sup["input_layernorm"]),
+                           statistics.median(sup["post_attention_layernorm"]), min(sup["post_attention_layernorm"]),
+                           statistics.median(sup["top3 share"])))
     rows = {"original": _measure(model, lins, _input_moments(model, lins, calib.input_ids), spec)}
     rotate_model(model, r1="hadamard", online=True, seed=0)
     lins = _linears(model, blocks)
