@@ -24,7 +24,7 @@ def test_unknown_method_lists_known():
     ({"group_size": 0}, r"--group-size 0 is out of range; allowed: >= 1 or -1 \(per-channel\)"),
     ({"group_size": -5}, r"--group-size -5"),
     ({"bits": "four"}, r"--bits 'four' is not a valid int"),
-    ({"alpha": 0.5}, r"method 'rtn' has no option --alpha; its options are: --bits, --group-size, --observer, --sym"),
+    ({"alpha": 0.5}, r"method 'rtn' has no option --alpha; its options are: --bits, --group-size, --observer, --signed-scale, --sym"),
 ])
 def test_bad_options(opts, match):
     with pytest.raises(ConfigError, match=match):
