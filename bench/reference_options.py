@@ -17,6 +17,7 @@ import copy
 import datetime
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,7 +43,8 @@ def main() -> None:
     ap.add_argument("--new-only", action="store_true", help="only the reference variants (the 'before' rows are the "
                                                              "documented numbers, same protocol)")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}  commit {commit}  "
           f"load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}", flush=True)
     loaded = load_model("smollm2", dtype="bfloat16")
