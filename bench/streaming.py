@@ -88,27 +88,15 @@ def worker(args: list[str]) -> None:
     from click.testing import CliRunner
 
     from compress.cli import main
+    from compress.evals.efficiency import host_peak_rss
 
     t0 = time.perf_counter()
     res = CliRunner().invoke(main, args, catch_exceptions=True)
     dt = time.perf_counter() - t0
     if res.exit_code != 0:
         sys.stderr.write(res.output[-3000:] + (repr(res.exception) if res.exception else ""))
-    print(json.dumps({"peak_rss": peak_rss(), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    print(json.dumps({"peak_rss": host_peak_rss(), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "seconds": dt, "exit": res.exit_code}))
-
-
-def peak_rss() -> int:
-    """This process's peak resident set, VmHWM: its own address space's high-water mark. Not ru_maxrss, which Linux
-    carries across fork and exec: a worker forked by this bench (torch imported, the model just written) starts with
-    the parent's resident set as its ru_maxrss, which hid a small streamed peak under the parent's."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, int, str]:

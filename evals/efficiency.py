@@ -79,6 +79,9 @@ def reset_host_peak() -> bool:
 
 
 def host_peak_rss() -> int | None:
+    """This process's peak resident set, VmHWM: its own address space's high-water mark. Not ru_maxrss (the fallback
+    off Linux), which Linux carries across fork and exec: a worker forked by a bench starts with the parent's resident
+    set as its ru_maxrss, which can hide a small peak under the parent's."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
