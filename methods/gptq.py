@@ -49,7 +49,7 @@ class GPTQ(Method):
         mask = sparse_keep_mask(linear)
         if mask is None and c.mask_zeros:
             mask = weight != 0
-        qw, info = gptq_quantize(weight, stats.hessian, c.spec(), block_size=c.block_size, percdamp=c.damp,
+        qw, info = gptq_quantize(weight, stats, c.spec(), block_size=c.block_size, percdamp=c.damp,
                                  act_order=c.act_order, static_groups=c.static_groups, mask=mask, name=name)
         self.report.setdefault("layers", {})[name] = {"loss": round(info.loss, 6), "damp": info.percdamp, "dead_columns": info.dead_columns}
         if mask is not None:  # stored sparse: the codes of the pruned weights are left out

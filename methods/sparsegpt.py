@@ -60,7 +60,7 @@ class SparseGPT(PruningMethod):
     def compress_linear(self, name, linear, stats):
         c = self.config
         weight = linear_weight(linear)
-        res = sparsegpt_prune(weight, stats.hessian, PruneRule(c.target, c.nm()), c.spec() if c.bits else None,
+        res = sparsegpt_prune(weight, stats, PruneRule(c.target, c.nm()), c.spec() if c.bits else None,
                               block_size=c.block_size, percdamp=c.damp, name=name)
         facts = {"loss": round(res.info.loss, 6), "damp": res.info.percdamp}
         if res.quantized is not None:

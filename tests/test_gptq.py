@@ -111,3 +111,68 @@ def test_inverse_cholesky_in_place_equals_the_textbook_steps():
     got = inverse_cholesky(H, 0.01)
     assert torch.equal(got.upper, U) and got.percdamp == 0.01
     assert torch.equal(H, before)  # the caller's H is left as it was
+
+
+def test_sweep_frees_a_last_use_hessian_before_its_column_loop():
+    """A HessianSource marked last_use hands its tensor to the sweep, which drops it once the inverse exists: during
+    the column loop only the inverse factor is alive (one [in, in] matrix, not two); the codes are the same bits as
+    with the tensor passed directly, and a shared source not marked last_use keeps its Hessian."""
+    import weakref
+    from unittest import mock
+
+    import compress.kernels.obs as obs
+    from compress.pipeline.engine import LinearStats
+
+    torch.manual_seed(0)
+    W, X = torch.randn(16, 64), torch.randn(200, 64)
+    H = 2 * X.t() @ X / 200
+    spec = QuantSpec(bits=4, group_size=16)
+    want, _ = gptq_quantize(W, H.clone(), spec)
+
+    stats = LinearStats(200, H.clone())
+    ref = weakref.ref(stats.hessian)
+    alive_in_loop = []
+    real = obs.find_params
+    with mock.patch.object(obs, "find_params", lambda *a, **k: (alive_in_loop.append(ref() is not None), real(*a, **k))[1]):
+        shared, _ = gptq_quantize(W, stats, spec)  # not last_use: kept for the next reader
+        assert stats.hessian is not None and all(alive_in_loop)
+        alive_in_loop.clear()
+        stats.last_use = True
+        got, _ = gptq_quantize(W, stats, spec)
+    assert stats.hessian is None and alive_in_loop and not any(alive_in_loop)
+    assert torch.equal(got.codes, want.codes) and torch.equal(shared.codes, want.codes)
+    with pytest.raises(ValueError, match="already handed"):
+        gptq_quantize(W, stats, spec)
+
+
+def test_block_marks_only_the_last_reader_of_shared_stats():
+    """q, k and v read one Hessian: GPTQ takes it at v (the last of its group), gate/up at up; the model that comes
+    out is the same, tensor for tensor, as a run in which no sweep ever takes a Hessian."""
+    from unittest import mock
+
+    from compress.model.tiny import tiny_model
+    from compress.pipeline.engine import Engine
+    from compress.pipeline.method import METHODS
+
+    gptq_cls = METHODS.get("gptq")
+    seen = []
+
+    class Spy(gptq_cls):
+        def compress_linear(self, name, linear, stats):
+            seen.append((name.rsplit(".", 1)[-1], stats.last_use))
+            return super().compress_linear(name, linear, stats)
+
+    def run(method_cls):
+        torch.manual_seed(0)
+        model = tiny_model("llama", layers=1, hidden=64, intermediate=128, heads=4)
+        ids = torch.randint(0, 256, (4, 32))
+        Engine(model, ids, batch_size=4, progress=False).run([method_cls(gptq_cls.Config(bits=4, group_size=32, true_sequential=True))])
+        return model.state_dict()
+
+    got = run(Spy)
+    flags = dict(seen)
+    assert (flags["q_proj"], flags["k_proj"], flags["v_proj"]) == (False, False, True)
+    assert (flags["gate_proj"], flags["up_proj"], flags["o_proj"], flags["down_proj"]) == (False, True, True, True)
+    with mock.patch("compress.kernels.obs.take_hessian", lambda s: s if isinstance(s, torch.Tensor) else s.hessian):
+        kept = run(gptq_cls)
+    assert got.keys() == kept.keys() and all(torch.equal(got[k], kept[k]) for k in got)

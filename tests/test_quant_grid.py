@@ -119,3 +119,16 @@ def test_quantlinear_stores_and_reproduces(bits, gs, sym):
     n_groups = qw.scales.shape[1]
     zero_bits = 0 if sym else n_groups * 64 * bits  # zero points packed along the 48 (padded to 64) outputs
     assert mod.storage_bits() == 48 * 224 * bits + 48 * n_groups * 16 + zero_bits
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_in_row_chunks_equals_one_pass(bits, monkeypatch):
+    """pack_bits works a chunk of rows at a time (bounded int64 copies); the words are those of one pass."""
+    import compress.kernels.quant_grid as qg
+
+    codes = torch.randint(0, 2**bits, (3, 37, 70), dtype=torch.uint8)
+    whole = qg.pack_bits(codes, bits)
+    monkeypatch.setattr(qg, "PACK_CHUNK", 100)  # one row of 70 per step
+    chunked = qg.pack_bits(codes, bits)
+    assert chunked.shape == whole.shape and torch.equal(chunked, whole)
+    assert torch.equal(qg.unpack_bits(chunked, bits, 70), codes)

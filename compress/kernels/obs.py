@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.core.config import option
-from compress.kernels.hessian import inverse_cholesky, prepare_hessian
+from compress.kernels.hessian import HessianSource, dead_columns, inverse_cholesky, take_hessian
 from compress.kernels.masks import n_pruned, nm_keep_mask
 from compress.kernels.quant_grid import SCALE_DTYPE, QuantizedWeight, QuantSpec, WeightQuantConfig, find_params
 
@@ -54,14 +54,15 @@ class PruneRule:
 
 @dataclass
 class SweepResult:
-    weight: torch.Tensor  # W_hat [out, in] float32, natural column order (pruned weights exactly 0)
+    weight: torch.Tensor | None  # W_hat [out, in] float32, natural column order (pruned weights exactly 0); None
+    # when the caller keeps only the codes (dequantize=False)
     keep: torch.Tensor | None  # bool [out, in]: weights kept (None: no mask involved)
     quantized: QuantizedWeight | None  # integer codes on the grid (None: no quantization)
     info: SweepInfo
 
 
 @single_thread()
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | HessianSource, spec: QuantSpec, *, block_size: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
                   mask: torch.Tensor | None = None, keep_float: torch.Tensor | None = None,
                   name: str = "") -> tuple[QuantizedWeight, SweepInfo]:
@@ -75,12 +76,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     SweepInfo.kept (in the order of sorted keep_float).
     """
     res = obs_sweep(weight, hessian, spec, block_size=block_size, percdamp=percdamp, act_order=act_order,
-                    static_groups=static_groups, keep=mask, keep_float=keep_float, name=name)
+                    static_groups=static_groups, keep=mask, keep_float=keep_float, name=name, dequantize=False)
     return res.quantized, res.info
 
 
 @single_thread()
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, rule: PruneRule, spec: QuantSpec | None = None, *,
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | HessianSource, rule: PruneRule, spec: QuantSpec | None = None, *,
                     block_size: int = 128, percdamp: float = 0.01, name: str = "") -> SweepResult:
     """SparseGPT (arXiv 2301.00774, Algorithm 1): prune W [out, in] (and quantize the kept weights with `spec`)."""
     return obs_sweep(weight, hessian, spec, block_size=block_size, percdamp=percdamp, prune=rule, name=name)
@@ -96,10 +97,10 @@ def _prune_block(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.view_as(scores)
 
 
-def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | None, *, block_size: int = 128,
+def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor | HessianSource, spec: QuantSpec | None, *, block_size: int = 128,
               percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
               keep: torch.Tensor | None = None, prune: PruneRule | None = None, keep_float: torch.Tensor | None = None,
-              name: str = "") -> SweepResult:
+              name: str = "", dequantize: bool = True) -> SweepResult:
     """The one column sweep: quantize (spec) and/or prune (keep: fixed mask; prune: SparseGPT's adaptive mask);
     keep_float: input columns swept last and left in float (OWQ). With keep_float the returned weight and keep cover
     the quantized columns only (natural order), and SweepInfo.kept holds the float ones."""
@@ -107,16 +108,23 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | Non
         raise ValueError("SparseGPT's mask selection runs in natural column order; act-order does not apply")
     if keep_float is not None and keep_float.numel() and (keep is not None or prune is not None or spec is None):
         raise ValueError("float columns (OWQ) combine with quantization only, not with a sparsity mask")
-    W = weight.detach().float().clone()
+    W = weight.detach().to(torch.float32, copy=True)  # one float32 copy (`.float().clone()` made two of bf16)
     out_f, in_f = W.shape
-    H, dead = prepare_hessian(hessian.to(W.device), W)
+    # H is read, never copied or written: the dead-column fix and the dampening go into inverse_cholesky's one work
+    # buffer (a [in, in] float32 copy fewer at the sweep's peak, which is a streamed run's peak)
+    H = take_hessian(hessian)
+    del hessian  # a HessianSource marked last_use gave its tensor up: once H is dropped below, it is freed
+    H = H.to(device=W.device, dtype=torch.float32)
+    dead = dead_columns(H, W)
+    diag = torch.diag(H).clone()
+    diag[dead] = 1.0  # the diagonal of the fixed H (H_jj = 1 for a dead column)
     kept_idx = None
     if keep_float is not None and keep_float.numel():
         kept_idx = torch.unique(keep_float.to(device=W.device, dtype=torch.long))  # sorted, distinct
         quantized_mask = torch.ones(in_f, dtype=torch.bool, device=W.device)
         quantized_mask[kept_idx] = False
         order = torch.cat([torch.nonzero(quantized_mask).flatten(), kept_idx])  # quantized columns first, kept last
-        W, H = W[:, order], H[order][:, order]
+        W, H, diag, dead = W[:, order], H[order][:, order], diag[order], dead[order]
     n_q = in_f - (kept_idx.numel() if kept_idx is not None else 0)  # columns that get codes (or a mask)
     if keep is not None:
         keep = keep.to(W.device, torch.bool).clone()
@@ -132,7 +140,7 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | Non
     zeros = torch.zeros(out_f, n_groups, device=W.device)
 
     # act-mse observer: each column's error weighted by the inputs' mean x^2, i.e. H_jj / 2 (the imatrix weighting)
-    hdiag = torch.diag(H).clone() if spec is not None and spec.observer == "act-mse" else None
+    hdiag = diag if spec is not None and spec.observer == "act-mse" else None
     if spec is not None and static_groups:
         # group grids fixed up front from the original weights, in natural column order
         for g in range(n_groups):
@@ -140,12 +148,13 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | Non
             scales[:, g], zeros[:, g] = find_params(W[:, cols], spec, None if hdiag is None else hdiag[cols])
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(H)[:n_q], descending=True)
+        perm = torch.argsort(diag[:n_q], descending=True)
         if n_q < in_f:
             perm = torch.cat([perm, torch.arange(n_q, in_f, device=W.device)])
         W = W[:, perm]
         H = H[perm]  # in two steps: one [in, in] copy alive beside H at a time, not two
         H = H[:, perm]
+        dead = dead[perm]
         hdiag = hdiag[perm] if hdiag is not None else None
         keep = keep[:, perm] if keep is not None else None
     inv = inverse_cholesky(H, percdamp, dead=dead, name=name)
@@ -154,7 +163,8 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | Non
 
     natural_group = (torch.arange(n_q, device=W.device) // gs)
     col_group = natural_group[perm[:n_q]] if perm is not None else natural_group  # natural group of the j-th swept column
-    Q = torch.zeros(out_f, n_q, device=W.device)
+    # codes straight into uint8 (exact: 0..maxq <= 255); pruning alone keeps the float weights
+    Q = torch.zeros(out_f, n_q, device=W.device, dtype=torch.float32 if spec is None else torch.uint8)
     losses = torch.zeros(out_f, device=W.device)
     s_cur = z_cur = None
     for i1 in range(0, n_q, block_size):
@@ -212,8 +222,8 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec | Non
     info = SweepInfo(float(losses.sum()), inv.percdamp, int(dead.sum()), kept)
     if spec is None:
         return SweepResult(Q, keep, None, info)
-    qw = QuantizedWeight(Q.to(torch.uint8), scales.to(SCALE_DTYPE), zeros.to(torch.uint8), g_idx.to(torch.int32), spec)
-    return SweepResult(qw.dequantize(), keep, qw, info)
+    qw = QuantizedWeight(Q, scales.to(SCALE_DTYPE), zeros.to(torch.uint8), g_idx.to(torch.int32), spec)
+    return SweepResult(qw.dequantize() if dequantize else None, keep, qw, info)
 
 
 # ---------------------------------------------------------------------------------------------------------------

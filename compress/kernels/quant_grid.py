@@ -298,8 +298,24 @@ def packed_words(n: int, bits: int) -> int:
     return math.ceil(n / 32) * bits
 
 
+PACK_CHUNK = 1 << 20  # codes packed per step: the int64 working copies stay a few MB whatever the layer's size
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes [..., n] (0 <= c < 2^bits) into int32 words [..., ceil(n/32)*bits]."""
+    """Pack integer codes [..., n] (0 <= c < 2^bits) into int32 words [..., ceil(n/32)*bits]; rows a chunk at a
+    time (an 11008 x 4096 layer would otherwise need three int64 copies of its codes, 1 GB, at once)."""
+    *lead, n = codes.shape
+    rows = codes.reshape(-1, n) if codes.dim() > 1 else codes.reshape(1, n)
+    step = max(1, PACK_CHUNK // max(n, 1))
+    if rows.shape[0] > step:
+        out = torch.empty(rows.shape[0], packed_words(n, bits), dtype=torch.int32, device=codes.device)
+        for r in range(0, rows.shape[0], step):
+            out[r:r + step] = _pack_rows(rows[r:r + step], bits)
+        return out.reshape(*lead, -1)
+    return _pack_rows(codes, bits)
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, n = codes.shape
     c = codes.to(torch.int64)
     pad = (-n) % 32

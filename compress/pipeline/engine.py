@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from compress.kernels.hessian import HessianSource
 from compress.model.arch import BlockGraph, find_blocks, trace_block
 from compress.model.surgery import is_linear_like, set_module
 
@@ -89,7 +90,7 @@ class ActivationCache:
 # Per-linear input statistics
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
-class LinearStats:
+class LinearStats(HessianSource):
     """Statistics of one linear layer's inputs over every calibration token.
 
     hessian: H = 2/n * sum_t x_t x_t^T  [in, in] float32 (GPTQ eq. 1's H = 2 X X^T, normalized by tokens)
@@ -101,6 +102,7 @@ class LinearStats:
     hessian: torch.Tensor | None = None
     sq_norms: torch.Tensor | None = None
     absmax: torch.Tensor | None = None
+    last_use: bool = False  # set by Method.compress_block for the last linear reading these statistics
 
     @property
     def input_norms(self) -> torch.Tensor:
@@ -127,7 +129,8 @@ class _Accumulator:
             torch.maximum(self.amax, x.abs().amax(dim=0), out=self.amax)
 
     def finish(self) -> LinearStats:
-        H = self.H * (2.0 / max(self.n, 1)) if self.H is not None else None
+        H = self.H.mul_(2.0 / max(self.n, 1)) if self.H is not None else None  # in place: no second [in, in] copy
+        self.H = None
         return LinearStats(self.n, H, self.sq, self.amax)
 
 
@@ -198,7 +201,10 @@ class BlockContext:
             hooks[group[0]] = lambda m, inp, out, a=acc: a.add(inp[0])
         self.forward_all(hooks)
         done: dict[int, LinearStats] = {}
-        return {n: done.setdefault(id(a), a.finish()) for n, a in accs.items()}
+        for a in accs.values():
+            if id(a) not in done:  # finish() runs once per shared accumulator (it scales H in place)
+                done[id(a)] = a.finish()
+        return {n: done[id(a)] for n, a in accs.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -97,8 +97,11 @@ class Method:
         want = self.stats_needed()
         for group in block.linear_groups(self.true_sequential):
             stats = block.collect(group, want) if (want and self.needs.calibration) else {n: None for n in group}
+            last = {id(s): n for n, s in stats.items() if s is not None}  # linears sharing statistics: the last reader
             for name in group:
                 s = stats[name]
+                if s is not None:
+                    s.last_use = last[id(s)] == name  # a sweep may then take and free its Hessian
                 if s is not None and s.ntokens == 0:  # an expert the router sent no calibration token
                     new = self.unrouted_linear(block.qualified(name), block.get(name))
                 else:

@@ -294,6 +294,14 @@ class ModelFacts:
         return out
 
 
+def _quantizer_names():
+    """transformers' quantization methods. Imported only for a config that names one: the import loads every
+    quantizer integration (50 MB of a float model's streamed run)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+
+    return AUTO_QUANTIZATION_CONFIG_MAPPING
+
+
 def _check_config(config: dict[str, Any], where: str) -> None:
     """The config must name an architecture transformers knows, and a quantization scheme someone can read."""
     from transformers import CONFIG_MAPPING
@@ -304,14 +312,12 @@ def _check_config(config: dict[str, Any], where: str) -> None:
     if mt not in CONFIG_MAPPING:
         raise ModelError(f"model config {where!r}: model_type {mt!r} is not an architecture this transformers "
                          f"version knows")
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
-
     from compress.formats import FORMATS, is_project_checkpoint
     from compress.formats.base import FORMAT_KEY, NATIVE_QUANT_METHOD
     from compress.layers.types import MODULE_TYPES
 
     fmt = config.get(FORMAT_KEY)
-    if fmt is not None and fmt not in FORMATS and fmt not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    if fmt is not None and fmt not in FORMATS and fmt not in _quantizer_names():
         raise ModelError(f"model config {where!r}: {FORMAT_KEY} {fmt!r} is not a known format; known: "
                          f"{', '.join(FORMATS)}")
     qc = config.get("quantization_config")
@@ -332,9 +338,9 @@ def _check_config(config: dict[str, Any], where: str) -> None:
     if is_project_checkpoint(config):
         return
     method = qc.get("quant_method")
-    if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    if method not in _quantizer_names():
         raise ModelError(f"model config {where!r}: quantization_config quant_method {method!r} is unknown; known: "
-                         f"{NATIVE_QUANT_METHOD}, {', '.join(sorted(AUTO_QUANTIZATION_CONFIG_MAPPING))}")
+                         f"{NATIVE_QUANT_METHOD}, {', '.join(sorted(_quantizer_names()))}")
 
 
 def _folder_tensors(folder: str) -> dict[str, list[int]]:
