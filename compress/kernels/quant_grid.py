@@ -305,7 +305,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes [..., n] (0 <= c < 2^bits) into int32 words [..., ceil(n/32)*bits]; rows a chunk at a
     time (an 11008 x 4096 layer would otherwise need three int64 copies of its codes, 1 GB, at once)."""
     *lead, n = codes.shape
-    rows = codes.reshape(-1, n) if codes.dim() > 1 else codes.reshape(1, n)
+    rows = codes.reshape(-1, n)
     step = max(1, PACK_CHUNK // max(n, 1))
     if rows.shape[0] > step:
         out = torch.empty(rows.shape[0], packed_words(n, bits), dtype=torch.int32, device=codes.device)
