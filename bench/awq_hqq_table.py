@@ -95,6 +95,9 @@ def main() -> None:
             del model
             rows.append({"bits": bits, "group_size": args.group_size, "method": n, "ppl": round(ppl, 4), "seconds": round(secs, 1)})
             print(f"w{bits} g{args.group_size} {n:14s} ppl {ppl:9.3f}  {secs:7.1f} s", flush=True)
+            if args.out:  # after every row, so a cut-off run keeps what it measured
+                atomic_write_bytes(Path(args.out), json.dumps({"protocol": protocol, "full_precision": fp["value"],
+                                                               "rows": rows, "machine_start": start}, indent=1).encode())
     end = machine()
     print(f"\n{'setting':10s} {'method':14s} {'ppl':>9s} {'vs rtn':>7s} {'seconds':>8s}")
     for r in rows:
