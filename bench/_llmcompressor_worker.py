@@ -48,6 +48,12 @@ def main() -> None:
     else:
         recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])  # its defaults: block_size 128,
         # dampening_frac 0.01, actorder static
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations for host-to-device copies; without an accelerator
+        # torch refuses pin_memory(). Everything stays on the CPU here, so pinning is skipped (nothing else changes).
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
     t0 = time.perf_counter()
     oneshot(model=model, processor=tok, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
