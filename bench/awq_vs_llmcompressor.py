@@ -99,8 +99,10 @@ def main() -> None:
             for name, w in load_file(job["out"]).items():
                 model.get_submodule(name[: -len(".weight")]).weight.data.copy_(w)
             # llm-compressor folds its scales into the norms too: copy every other tensor it changed
+            params = dict(model.named_parameters())
             for name, w in load_file(job["out"].replace(".safetensors", "-rest.safetensors")).items():
-                model.get_parameter(name).data.copy_(w)
+                if name in params:  # its weight_scale / weight_zero_point parameters are not read
+                    params[name].data.copy_(w)
             peer_ppl = perplexity(model, lm.tokenizer, "wikitext2", **ev)["value"]
             del model
             print(f"{label}  llm-compressor AWQ: ppl {peer_ppl:.3f}  {peer['seconds']:.0f} s  ({peer['versions']})", flush=True)
