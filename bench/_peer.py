@@ -19,3 +19,14 @@ def peer_python(venv: Path, peer: str, torch_pin: str, extra: tuple[str, ...] = 
     subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(constraint), torch_pin, peer, *extra], check=True)
     marker.write_text(subprocess.run([str(py), "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout)
     return py
+
+
+def copy_peer_parameters(model, path) -> None:
+    """Copy a peer's saved tensors (safetensors at `path`) into `model`'s parameters of the same name; tensors that
+    are not parameters of the model (its weight_scale / weight_zero_point quantization parameters) are not read."""
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    for name, w in load_file(str(path)).items():
+        if name in params:
+            params[name].data.copy_(w)

@@ -83,6 +83,13 @@ def main() -> None:
                 f"{calib.source.split}, seed 0; AWQ alpha grid {args.awq_grid}")
     print(f"protocol: {protocol}\nmachine at start: {start}\nfull precision: {fp['value']:.3f}", flush=True)
     rows = []
+
+    def save(**extra) -> None:
+        if args.out:
+            atomic_write_bytes(Path(args.out), json.dumps({"protocol": protocol, "full_precision": fp["value"],
+                                                           "rows": rows, "machine_start": start, **extra},
+                                                          indent=1).encode())
+
     for bits in [int(b) for b in args.bits.split(",")]:
         for n in names:
             stages = [{**s, "bits": bits, "group_size": args.group_size} for s in METHODS[n]]
@@ -95,18 +102,14 @@ def main() -> None:
             del model
             rows.append({"bits": bits, "group_size": args.group_size, "method": n, "ppl": round(ppl, 4), "seconds": round(secs, 1)})
             print(f"w{bits} g{args.group_size} {n:14s} ppl {ppl:9.3f}  {secs:7.1f} s", flush=True)
-            if args.out:  # after every row, so a cut-off run keeps what it measured
-                atomic_write_bytes(Path(args.out), json.dumps({"protocol": protocol, "full_precision": fp["value"],
-                                                               "rows": rows, "machine_start": start}, indent=1).encode())
+            save()  # after every row, so a cut-off run keeps what it measured
     end = machine()
     print(f"\n{'setting':10s} {'method':14s} {'ppl':>9s} {'vs rtn':>7s} {'seconds':>8s}")
     for r in rows:
         base = next(x["ppl"] for x in rows if x["bits"] == r["bits"] and x["method"] == names[0])
         print(f"w{r['bits']} g{r['group_size']:<6d} {r['method']:14s} {r['ppl']:9.3f} {r['ppl'] / base:7.3f} {r['seconds']:8.1f}")
     print(f"(full precision {fp['value']:.3f}; {protocol}; grid asymmetric; machine at end: {end['uptime']})")
-    if args.out:
-        atomic_write_bytes(Path(args.out), json.dumps({"protocol": protocol, "full_precision": fp["value"], "rows": rows,
-                                                       "machine_start": start, "machine_end": end}, indent=1).encode())
+    save(machine_end=end)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     from bench.awq_hqq_table import machine
     from bench.gptq_vs_llmcompressor import peer_python
+    from bench._peer import copy_peer_parameters
     from compress.core.paths import cache_dir
     from compress.evals.perplexity import perplexity
     from compress.pipeline.recipe import Recipe, RunContext
@@ -99,10 +100,7 @@ def main() -> None:
             for name, w in load_file(job["out"]).items():
                 model.get_submodule(name[: -len(".weight")]).weight.data.copy_(w)
             # llm-compressor folds its scales into the norms too: copy every other tensor it changed
-            params = dict(model.named_parameters())
-            for name, w in load_file(job["out"].replace(".safetensors", "-rest.safetensors")).items():
-                if name in params:  # its weight_scale / weight_zero_point parameters are not read
-                    params[name].data.copy_(w)
+            copy_peer_parameters(model, job["out"].replace(".safetensors", "-rest.safetensors"))
             peer_ppl = perplexity(model, lm.tokenizer, "wikitext2", **ev)["value"]
             del model
             print(f"{label}  llm-compressor AWQ: ppl {peer_ppl:.3f}  {peer['seconds']:.0f} s  ({peer['versions']})", flush=True)

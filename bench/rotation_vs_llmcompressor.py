@@ -37,6 +37,7 @@ def main() -> None:
 
     from bench.awq_hqq_table import machine
     from bench.gptq_vs_llmcompressor import peer_python
+    from bench._peer import copy_peer_parameters
     from compress.core.paths import cache_dir
     from compress.evals.perplexity import perplexity
     from compress.pipeline.recipe import Recipe, RunContext
@@ -65,7 +66,7 @@ def main() -> None:
         tmp = Path(tmp)
         lm.model.save_pretrained(tmp / "model")
         lm.tokenizer.save_pretrained(tmp / "model")
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         save_file({"ids": calib.input_ids.contiguous()}, str(tmp / "calib.safetensors"))
         fp = perplexity(lm.model, lm.tokenizer, "wikitext2", **ev)
@@ -101,11 +102,7 @@ def main() -> None:
             head = model.get_output_embeddings()
             head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # its head is untied
             model.config.tie_word_embeddings = False
-            state = load_file(job["out"].replace(".safetensors", "-rest.safetensors"))
-            params = dict(model.named_parameters())
-            for name, w in state.items():  # its weight_scale / weight_zero_point parameters are not read
-                if name in params:
-                    params[name].data.copy_(w)
+            copy_peer_parameters(model, job["out"].replace(".safetensors", "-rest.safetensors"))
             peer_ppl = perplexity(model, lm.tokenizer, "wikitext2", **ev)["value"]
             del model
             print(f"{label}  llm-compressor SpinQuant(R1,R2)+GPTQ: ppl {peer_ppl:.3f}  {peer['seconds']:.0f} s  "
