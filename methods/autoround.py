@@ -6,7 +6,8 @@ Per decoder block, as the paper's Algorithm 1 and the reference `auto-round`:
         activations kept beside the engine's quantized one, the reference's default `enable_quanted_input`)
     learnable V in [-0.5, 0.5] per weight, alpha, beta in [0.5, 1] per group (init 0, 1, 1), every target linear
     for t in 1..T (T = 200):
-        a mini-batch of `minibatch` (8) calibration sequences
+        a mini-batch of `minibatch` (8) calibration sequences, drawn as the reference's sampler does: one shuffle
+            of the samples per pass, consecutive slices of it, a fresh shuffle when fewer than a batch remain
         loss = MSE(block~(X_q), Y)        block~: fake-quantized weights W~ (eq. 1-2), X_q its quantized-stream input
         theta <- clip(theta - lr_t sign(d loss / d theta))       SignSGD (eq. 4), lr_t = lr (1 - t/T), lr = 1/T
         keep the parameters of the lowest loss seen (the reference's best-iteration choice)
@@ -80,6 +81,18 @@ class _SignRoundLinear(nn.Module):
         return QuantLinear.from_quantized(qw, self.bias, dtype=self.dtype)
 
 
+def _batches(n: int, size: int, gen: torch.Generator):
+    """Mini-batch indices without replacement within a pass: every sample is seen equally often (auto-round's
+    IndexSampler); a new permutation when fewer than `size` remain."""
+    size = min(size, n)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    while True:
+        if pos + size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos:pos + size]
+        pos += size
+
+
 def _out(o):
     return o[0] if isinstance(o, (tuple, list)) else o
 
@@ -137,9 +150,10 @@ class AutoRound(Method):
         lr = c.lr if c.lr is not None else (1.0 / c.iters if c.iters else 0.0)
         gen = torch.Generator().manual_seed(self._seed + block.index)
         best_loss, first_loss, best = float("inf"), None, None
+        batches = _batches(n, c.minibatch, gen)
         try:
             for it in range(c.iters):
-                idx = torch.randperm(n, generator=gen)[:min(c.minibatch, n)]
+                idx = next(batches)
                 out = self._forward(block.block, xq[idx].to(dev), kw)
                 loss = F.mse_loss(out.float(), y[idx].to(dev).float())
                 value = loss.item()

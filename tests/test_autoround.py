@@ -96,3 +96,18 @@ def test_bad_options_refused():
         Recipe.from_specs([{"method": "autoround", "observer": "mse"}])
     with pytest.raises(ConfigError, match="iters"):
         Recipe.from_specs([{"method": "autoround", "iters": -1}])
+
+
+@pytest.mark.parametrize("n,size", [(16, 4), (10, 4), (3, 8)])
+def test_minibatches_cover_every_sample_once_per_pass(n, size):
+    from compress.methods.autoround import _batches
+
+    size_eff = min(size, n)
+    per_pass = n // size_eff
+    it = _batches(n, size, torch.Generator().manual_seed(0))
+    for _ in range(3):
+        seen = torch.cat([next(it) for _ in range(per_pass)])
+        assert len(seen) == per_pass * size_eff
+        assert len(set(seen.tolist())) == len(seen)  # no sample twice within a pass
+        if n % size_eff == 0:
+            assert sorted(seen.tolist()) == list(range(n))
