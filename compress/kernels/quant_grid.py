@@ -24,6 +24,7 @@ is among the candidates, so neither search ever does worse than min/max on its o
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -192,7 +193,8 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
         c = codes.float()
         if pad:
             c = torch.nn.functional.pad(c, (0, pad))
-        w = (c.view(out_f, n_groups, gs) - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+        w = c.view(out_f, n_groups, gs)  # in place: (c - z) * s is exact in float32 for codes and fp16 scales
+        w.sub_(zeros.float().unsqueeze(-1)).mul_(scales.float().unsqueeze(-1))
         return w.view(out_f, -1)[:, :in_f]
     gi = g_idx.long()
     s = scales.float()[:, gi]
@@ -338,6 +340,13 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_bits: int32 words [..., W] -> uint8 codes [..., n]."""
     *lead, nw = words.shape
+    if bits in (2, 4, 8) and sys.byteorder == "little":
+        # the words' bytes hold the values in order (value j of a word at bits [b*j, b*(j+1))): unpack bytes, 3-4x
+        # faster than shifting int32 words (no int32 copy of the codes)
+        b = words.contiguous().view(torch.uint8)
+        per, mask = 8 // bits, 2**bits - 1
+        vals = b if per == 1 else torch.stack([(b >> (bits * i)) & mask for i in range(per)], -1).flatten(-2)
+        return vals[..., :n].contiguous()
     if 32 % bits == 0:
         # int32 arithmetic shifts: sign-extended high bits are masked away
         per = 32 // bits

@@ -25,10 +25,23 @@ import torch
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm accepts, largest first
 INNER_K_TILES = 8  # CUDA layout parameter (K must be a multiple of 16 * inner_k_tiles); the CPU layout ignores it
+
+
+def _cpu_has_amx_bf16() -> bool:
+    """Whether the CPU multiplies bfloat16 with AMX tiles (oneDNN uses them for the bf16 GEMM: ~5x faster there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
 # The CPU int4 kernel is built for few rows: above these many rows (tokens) per call the de-quantized float matmul is
-# faster, so such calls take it (bench/int4_crossover.py: SmolLM2's 1536x576 and 576x1536, 1 thread, bfloat16 the
-# kernel wins up to ~128-256 rows and loses ~1.4x at 512; float32 it wins only at 1 row and loses 56x at 512).
-INT4_CPU_MAX_ROWS = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 1}
+# faster, so such calls take it. bench/int4_crossover.py on SmolLM2's 1536x576 and 576x1536: on an AVX-512 CPU
+# without AMX (1 thread, bfloat16) the kernel won up to ~128-256 rows and lost ~1.4x at 512; on a CPU with AMX-bf16
+# (1 and 2 threads) it wins up to 64 rows and loses 1.5x at 128, 4.8x at 512; in float32 it wins at most at 1 row.
+INT4_CPU_MAX_ROWS = ({torch.bfloat16: 64, torch.float16: 256, torch.float32: 1} if _cpu_has_amx_bf16() else
+                     {torch.bfloat16: 256, torch.float16: 256, torch.float32: 1})
 
 
 def int4_cpu_max_rows(dtype: torch.dtype) -> int:
