@@ -31,12 +31,17 @@ def _ppl(model, tok, data_dir, windows=2, seqlen=512):
 
 
 def _kernel_for_every_call():
-    """The CPU int4 kernel for calls of any row count (by default a 512-token window de-quantizes, which is faster
-    there: compress.kernels.weight_only.INT4_CPU_MAX_ROWS), so that the comparison goes through the kernel."""
+    """The CPU int4 and int8 kernels for calls of any row count (by default a 512-token window de-quantizes, which is
+    faster there: compress.kernels.weight_only.CPU_MAX_ROWS), so that the comparison goes through the kernel."""
+    import contextlib
+
     import torch
 
     from compress.kernels import weight_only
-    return mock.patch.dict(weight_only.INT4_CPU_MAX_ROWS, {torch.bfloat16: 10**9, torch.float32: 10**9})
+    stack = contextlib.ExitStack()
+    for limits in weight_only.CPU_MAX_ROWS.values():
+        stack.enter_context(mock.patch.dict(limits, {torch.bfloat16: 10**9, torch.float32: 10**9}))
+    return stack
 
 
 @pytest.mark.parametrize("bits,group,kernel", [(4, 64, "int4"), (4, 128, "int4"), (8, -1, "int8")])

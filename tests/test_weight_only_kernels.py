@@ -36,7 +36,8 @@ def _compare(layer, dtype, tokens=5):
     fallback = F.linear(x, layer.dequantize_weight(dtype), None if layer.bias is None else layer.bias.to(dtype))
     kernel = layer.select_kernel()
     assert kernel.startswith("quantized:"), kernel
-    with mock.patch.dict(weight_only.INT4_CPU_MAX_ROWS, {dtype: 10**9}):  # the kernel for every row count
+    with mock.patch.dict(weight_only.INT4_CPU_MAX_ROWS, {dtype: 10**9}), \
+            mock.patch.dict(weight_only.INT8_CPU_MAX_ROWS, {dtype: 10**9}):  # the kernel for every row count
         got = layer(x)
     assert got.dtype == dtype
     scale = ref.abs().max().item()
@@ -130,24 +131,27 @@ def test_disabled_kernels_and_grad_use_the_fallback(monkeypatch):
     assert kernel_table(torch.nn.Sequential(layer)) == {"0": layer.kernel}
 
 
-@pytest.mark.skipif(not HAS_INT4, reason="this torch has no _weight_int4pack_mm_for_cpu")
+@pytest.mark.skipif(not (HAS_INT4 and HAS_INT8), reason="this torch lacks _weight_int4pack_mm_for_cpu or _weight_int8pack_mm")
+@pytest.mark.parametrize("kernel,bits,group", [("int4", 4, 64), ("int8", 8, -1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_calls_with_many_rows_take_the_faster_fallback(dtype):
-    """Above INT4_CPU_MAX_ROWS rows per call a CPU int4 layer de-quantizes (bit-equal to the disabled-kernel path);
+def test_calls_with_many_rows_take_the_faster_fallback(dtype, kernel, bits, group):
+    """Above CPU_MAX_ROWS rows per call a CPU int4 / int8 layer de-quantizes (bit-equal to the disabled-kernel path);
     at or below it the kernel runs (its own rounding); the layer says so in its kernel description."""
-    layer = _layer(48, 256, 4, 64, False, dtype=dtype)
-    limit = weight_only.int4_cpu_max_rows(dtype)
+    layer = _layer(48, 256, bits, group, False, dtype=dtype)
+    limit = weight_only.cpu_max_rows(kernel, dtype)
     many = torch.randn(limit + 1, 256).to(dtype)
     few = torch.randn(limit, 256).to(dtype)
     layer.select_kernel(False)
     fb_many, fb_few = layer(many), layer(few)
-    assert "calls of more than" in layer.select_kernel(True)
+    desc = layer.select_kernel(True)
+    assert f"{kernel} weight-only kernel" in desc and f"calls of more than {limit} rows" in desc
     assert torch.equal(layer(many), fb_many)
     assert not torch.equal(layer(few), fb_few) or dtype == torch.float32  # the kernel's own rounding
     calls = []
-    real = weight_only.int4_matmul
     import compress.layers.quant_linear as ql
-    with mock.patch.object(ql, "int4_matmul", side_effect=lambda *a: calls.append(1) or real(*a)):
+    op = "int4_matmul" if kernel == "int4" else "int8_matmul_weight_only"
+    real = getattr(weight_only, op)
+    with mock.patch.object(ql, op, side_effect=lambda *a: calls.append(1) or real(*a)):
         layer(few)
         layer(many)
     assert calls == [1]

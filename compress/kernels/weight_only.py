@@ -36,17 +36,21 @@ def _cpu_has_amx_bf16() -> bool:
         return False
 
 
-# The CPU int4 kernel is built for few rows: above these many rows (tokens) per call the de-quantized float matmul is
-# faster, so such calls take it. bench/int4_crossover.py on SmolLM2's 1536x576 and 576x1536: on an AVX-512 CPU
-# without AMX (1 thread, bfloat16) the kernel won up to ~128-256 rows and lost ~1.4x at 512; on a CPU with AMX-bf16
-# (1 and 2 threads) it wins up to 64 rows and loses 1.5x at 128, 4.8x at 512; in float32 it wins at most at 1 row.
-INT4_CPU_MAX_ROWS = ({torch.bfloat16: 64, torch.float16: 256, torch.float32: 1} if _cpu_has_amx_bf16() else
-                     {torch.bfloat16: 256, torch.float16: 256, torch.float32: 1})
+# PyTorch's CPU weight-only kernels are built for few rows: above these many rows (tokens) per call the de-quantized
+# float matmul is faster, so such calls take it. bench/int4_crossover.py on SmolLM2's 1536x576 and 576x1536 (RTN g64
+# for int4, per channel for int8): on an AVX-512 CPU without AMX (1 thread, bfloat16) the int4 kernel won up to
+# ~128-256 rows and lost ~1.4x at 512 (int8 not measured separately there: the int4 limit); on a CPU with AMX-bf16
+# (1 and 2 threads, 2026-12-04) int4 wins up to 64 rows (loses 1.5x at 128, 4.8x at 512) and int8 up to 32 (loses 7x
+# at 512); in float32 either wins at most at 1 row (int4 loses 56-117x at 512, int8 41x).
+_AMX = _cpu_has_amx_bf16()
+INT4_CPU_MAX_ROWS = {torch.bfloat16: 64 if _AMX else 256, torch.float16: 256, torch.float32: 1}
+INT8_CPU_MAX_ROWS = {torch.bfloat16: 32 if _AMX else 256, torch.float16: 256, torch.float32: 1}
+CPU_MAX_ROWS = {"int4": INT4_CPU_MAX_ROWS, "int8": INT8_CPU_MAX_ROWS}
 
 
-def int4_cpu_max_rows(dtype: torch.dtype) -> int:
-    """Most rows per call for which the CPU int4 kernel is used (more: the de-quantization fallback)."""
-    return INT4_CPU_MAX_ROWS.get(dtype, 1)
+def cpu_max_rows(kernel: str, dtype: torch.dtype) -> int:
+    """Most rows per call for which the CPU `kernel` ("int4" | "int8") is used (more: the de-quantization fallback)."""
+    return CPU_MAX_ROWS[kernel].get(dtype, 1)
 
 
 def _has(op: str) -> bool:

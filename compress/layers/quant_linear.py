@@ -29,7 +29,7 @@ from compress.kernels.quant_grid import (
     unpack_bits,
 )
 from compress.kernels.weight_only import (
-    int4_cpu_max_rows,
+    cpu_max_rows,
     int4_matmul,
     int4_pack,
     int4_unsupported,
@@ -149,14 +149,15 @@ class QuantLinear(nn.Module):
     @property
     def kernel(self) -> str:
         """How this layer computes (evals.efficiency reads it)."""
+        rows = (f"; calls of more than {cpu_max_rows(self._kernel, self.compute_dtype)} rows de-quantize, which is "
+                "faster there" if self._kernel is not None and self._kernel_device.type == "cpu" else "")
         if self._kernel == "int4":
             op = "_weight_int4pack_mm_for_cpu" if self._kernel_device.type == "cpu" else "_weight_int4pack_mm"
-            rows = (f"; calls of more than {int4_cpu_max_rows(self.compute_dtype)} rows de-quantize, which is faster there"
-                    if self._kernel_device.type == "cpu" else "")
             return (f"quantized: int4 weight-only kernel {op} (kernel group {self._kernel_group}; "
                     f"{self._dtype_name()} inputs{rows})")
         if self._kernel == "int8":
-            return f"quantized: int8 weight-only kernel _weight_int8pack_mm (per channel; {self._dtype_name()} inputs)"
+            return (f"quantized: int8 weight-only kernel _weight_int8pack_mm (per channel; {self._dtype_name()} "
+                    f"inputs{rows})")
         return f"{FALLBACK}: codes unpacked to the compute dtype every forward, then a float matmul ({self.kernel_reason})"
 
     def _dtype_name(self) -> str:
@@ -173,8 +174,8 @@ class QuantLinear(nn.Module):
         # (the kernels have no backward), takes the de-quantized path
         if (self._kernel is not None and x.dtype == self._k_scales.dtype
                 and not (x.requires_grad and torch.is_grad_enabled())
-                and not (self._kernel == "int4" and x.device.type == "cpu"
-                         and x.numel() // max(x.shape[-1], 1) > int4_cpu_max_rows(x.dtype))):
+                and not (x.device.type == "cpu"
+                         and x.numel() // max(x.shape[-1], 1) > cpu_max_rows(self._kernel, x.dtype))):
             if self._kernel == "int4":
                 y = int4_matmul(x, self._k_packed, self._kernel_group, self._k_scales)
             else:
