@@ -59,13 +59,33 @@ def test_w8a8_linear_matches_reference_and_both_paths(scheme, monkeypatch):
     sx = x2.abs().amax(dim=1, keepdim=True) / 127 if scheme == "per-token" else (absmax / 127).reshape(1, 1)
     xq = torch.clamp(torch.round(x2 / sx), -128, 127)
     acc = xq.double() @ mod.weight.double().t()
-    ref = (acc * sx.double() * mod.weight_scale.double().t() + bias.double()).reshape(3, 7, 48)
+    ref = (acc * mod.weight_scale.double().t() * sx.double() + bias.double()).reshape(3, 7, 48)
     with torch.no_grad():
         got = mod(x)
     assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-5)
-    monkeypatch.setitem(int8._INT_MM_OK, "cpu", False)  # the fallback path: bit-identical outputs
+    monkeypatch.setattr(int8, "_ONEDNN_OK", [False])  # torch._int_mm, then the exact fallback: bit-identical outputs
     with torch.no_grad():
         assert torch.equal(mod(x), got)
+    monkeypatch.setitem(int8._INT_MM_OK, "cpu", False)
+    with torch.no_grad():
+        assert torch.equal(mod(x), got)
+
+
+def test_onednn_path_is_exact_and_repacks_changed_weights():
+    if not int8.onednn_int8_supported():
+        pytest.skip("oneDNN's int8 GEMM is not available in this torch build")
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-128, 128, (5, 72), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (24, 72), dtype=torch.int8, generator=g)
+    ws = torch.rand(24, generator=g)
+    assert torch.equal(int8.onednn_scaled_matmul(a, int8.onednn_pack(b), ws), int8_matmul(a, b).float() * ws)
+    mod = W8A8Linear.from_float(torch.randn(24, 72, generator=g))
+    x = torch.randn(4, 72, generator=g)
+    with torch.no_grad():
+        before = mod(x)
+        mod.weight.neg_()  # an in-place change of the codes: the packed copy must follow
+        after = mod(x)
+    assert torch.allclose(after, -before, rtol=1e-5, atol=1e-5)
 
 
 def test_w8a8_bf16_input_keeps_dtype_and_static_needs_scale():

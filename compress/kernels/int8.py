@@ -6,6 +6,10 @@
   device offers it (probed once per device type), else an exact fallback: float32 matmuls over chunks of at most
   1024 columns (every partial sum is an integer of magnitude <= 1024 * 128 * 128 = 2^24, so float32 holds it
   exactly), accumulated in int32. Both give bit-identical integers.
+* `onednn_scaled_matmul(a, packed, w_scale)`: on CPU, oneDNN's int8 GEMM (`torch.ops.onednn.qlinear_pointwise`, the op
+  PyTorch's x86 inductor lowering uses; AMX-int8 or VNNI where the CPU has them) with the per-output-channel weight
+  scale applied inside the kernel: float32 float(a @ b^T) * w_scale, bit-identical to `int8_matmul(a, b).float() *
+  w_scale` (probed once). `b` is prepacked once by `onednn_pack` (a run-time copy in oneDNN's layout).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ _EXACT_CHUNK = 1024  # columns per float32 partial product: |sum| <= 1024 * 128 
 
 
 _INT_MM_OK: dict[str, bool] = {}
+_ONEDNN_OK: list[bool] = []
 
 
 def absmax_scale(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -81,3 +86,38 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, *, use_int_mm: bool | None = N
     if use_int_mm:
         return torch._int_mm(a, b.t())
     return int8_matmul_fallback(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# oneDNN int8 GEMM with the weight scale fused (CPU)
+# ---------------------------------------------------------------------------------------------------------------
+def onednn_pack(b: torch.Tensor) -> torch.Tensor:
+    """b [N, K] int8 -> oneDNN's prepacked weight for `onednn_scaled_matmul`."""
+    return torch.ops.onednn.qlinear_prepack(b, None)
+
+
+def onednn_scaled_matmul(a: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 times the packed b [N, K]^T, times w_scale [N] (float32) -> [M, N] float32."""
+    zeros = torch.zeros(w_scale.numel(), dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, packed, w_scale, zeros, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def onednn_int8_supported() -> bool:
+    """Whether oneDNN's int8 GEMM runs here and equals the exact int8 product times the weight scale, bit for bit
+    (probed once, on odd shapes and the full int8 range)."""
+    if not _ONEDNN_OK:
+        ok = False
+        if hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise") \
+                and torch.backends.mkldnn.is_available():
+            try:
+                g = torch.Generator().manual_seed(0)
+                a = torch.randint(-128, 128, (7, 200), dtype=torch.int8, generator=g)
+                b = torch.randint(-128, 128, (40, 200), dtype=torch.int8, generator=g)
+                ws = torch.rand(40, generator=g) * 0.01
+                got = onednn_scaled_matmul(a, onednn_pack(b), ws)
+                ok = bool(torch.equal(got, int8_matmul_fallback(a, b).float() * ws))
+            except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+                ok = False
+        _ONEDNN_OK.append(ok)
+    return _ONEDNN_OK[0]
