@@ -4,7 +4,10 @@ The eager decode loop (compress.evals.efficiency.greedy_decode) pays, for every 
 forward, one dispatch per op and the growth of a dynamic KV cache. Here the cache is a transformers `StaticCache`
 (preallocated to `max_len` positions, updated in place, its position counter a tensor), so the one-token step has
 fixed shapes and `torch.compile(step, dynamic=False)` turns it into one graph, compiled once. The prompt's forward
-pass (prefill) stays eager: its length varies, and it runs once per generation.
+pass (prefill) stays eager: its length varies, and it runs once per generation; only the de-quantization of its
+quantized layers (calls of more rows than the integer kernels pay for) runs compiled
+(compress.kernels.weight_only.compiled_dequantization), compiled for each layer shape when the decoder is built
+(`dequant_compile_seconds`).
 
 On the CPU the step is compiled with inductor's `freezing` (parameters folded in as constants, float linears
 pre-packed for oneDNN; the model must not be changed afterwards). Compilation happens on the first call of the step (`compile_seconds` times that call, which also computes one
@@ -78,6 +81,19 @@ class StaticDecoder:
                       if compile else self._eager_step)
         self._stepped = False
         self.timed_steps = 0  # decode steps inside the last generation's decode time
+        self.dequant_compile_seconds: float | None = None
+        if compile:
+            from compress.kernels.weight_only import warm_compiled_dequantization
+
+            n, secs = warm_compiled_dequantization(model)
+            self.dequant_compile_seconds = round(secs, 2) if n else None
+
+    def _prefill_context(self):
+        import contextlib
+
+        from compress.kernels.weight_only import compiled_dequantization
+
+        return compiled_dequantization() if self.compiled else contextlib.nullcontext()
 
     def _eager_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
@@ -99,7 +115,8 @@ class StaticDecoder:
         _sync(device)
         t0 = time.perf_counter()
         pos = torch.arange(n_prompt, device=device).unsqueeze(0)
-        out = self.model(input_ids=prompt, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
+        with self._prefill_context():
+            out = self.model(input_ids=prompt, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1:].argmax(-1)
         _sync(device)
         t1 = time.perf_counter()

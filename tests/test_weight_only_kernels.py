@@ -155,3 +155,21 @@ def test_calls_with_many_rows_take_the_faster_fallback(dtype, kernel, bits, grou
         layer(few)
         layer(many)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (4, 40, True), (8, -1, False), (3, 32, False)])
+def test_compiled_dequantization_is_bit_identical(bits, group, sym):
+    from compress.evals.compiled_decode import compiler_missing
+
+    if compiler_missing():
+        pytest.skip(f"torch.compile cannot run here: {compiler_missing()}")
+    layer = _layer(24, 100, bits, group, sym, dtype=torch.bfloat16)
+    eager = layer.dequantize_weight()
+    assert weight_only.packed_dequantizer() is not None
+    with weight_only.compiled_dequantization():
+        assert weight_only.packed_dequantizer() is not weight_only.dequantize_packed
+        got = layer.dequantize_weight()
+    assert weight_only.packed_dequantizer() is weight_only.dequantize_packed
+    assert torch.equal(got, eager)
+    # and the packed path equals the QuantizedWeight path it replaced
+    assert torch.equal(eager, layer.quantized_weight().dequantize(torch.float32).to(torch.bfloat16))

@@ -181,8 +181,21 @@ class QuantizedWeight:
         return bool(torch.equal(self.g_idx.cpu(), self.spec.g_idx(self.g_idx.numel())))
 
 
+def dequantize_packed(words: torch.Tensor, zero_words: torch.Tensor | None, scales: torch.Tensor, bits: int,
+                      n_in: int, n_out: int, group_size: int, dtype: torch.dtype, inplace: bool = True) -> torch.Tensor:
+    """W_hat [n_out, n_in] in `dtype` straight from packed codes (natural group order) and packed zero points
+    (None: symmetric, z = 2^(b-1)): the same numbers as unpacking a QuantizedWeight and dequantize_codes.
+    `inplace=False`: the form for torch.compile (the padded in-place form gave wrong last groups there, torch 2.13)."""
+    codes = unpack_bits(words, bits, n_in)
+    if zero_words is None:
+        zeros = torch.full(scales.shape, float(2 ** (bits - 1)), dtype=torch.float32, device=scales.device)
+    else:
+        zeros = unpack_bits(zero_words, bits, n_out).t()
+    return dequantize_codes(codes, scales, zeros, None, group_size, inplace=inplace).to(dtype)
+
+
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None,
-                     group_size: int | None = None) -> torch.Tensor:
+                     group_size: int | None = None, inplace: bool = True) -> torch.Tensor:
     """W_hat [out, in] float32 from codes and per-group scales/zeros: through g_idx, or (g_idx None) natural groups
     of `group_size` columns (the last one possibly shorter)."""
     if g_idx is None:
@@ -190,6 +203,9 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
         n_groups = scales.shape[1]
         gs = in_f if n_groups == 1 else group_size
         pad = n_groups * gs - in_f
+        if not inplace:  # each column's group by index (no padding: the form torch.compile fuses into one loop)
+            gi = torch.arange(in_f, device=codes.device) // gs
+            return (codes.float() - zeros.float()[:, gi]) * scales.float()[:, gi]
         c = codes.float()
         if pad:
             c = torch.nn.functional.pad(c, (0, pad))

@@ -21,7 +21,13 @@ kernel layout; the caller falls back to de-quantization and says so.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import time
+
 import torch
+
+from compress.kernels.quant_grid import dequantize_packed
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm accepts, largest first
 INNER_K_TILES = 8  # CUDA layout parameter (K must be a multiple of 16 * inner_k_tiles); the CPU layout ignores it
@@ -151,3 +157,40 @@ def int8_matmul_weight_only(x: torch.Tensor, w8: torch.Tensor, scales: torch.Ten
     if correction is not None:
         y = (y.float() + x2.float().sum(dim=-1, keepdim=True) * correction.float()).to(y.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled de-quantization (the fallback's unpack-and-scale as one fused loop per layer shape)
+# ---------------------------------------------------------------------------------------------------------------
+_COMPILED_DEQUANT: dict = {"depth": 0, "fn": None}
+
+
+@contextlib.contextmanager
+def compiled_dequantization():
+    """Within this context the de-quantization fallback of QuantLinear runs through `torch.compile(dequantize_packed)`:
+    inductor fuses the byte unpacking, the zero point and the scale into one loop (bit-identical; on the CPU ~2x
+    faster than eager for SmolLM2's shapes). Each layer shape compiles once per process (seconds); `StaticDecoder`
+    uses it for the prefill of `--compile` runs."""
+    if _COMPILED_DEQUANT["fn"] is None:
+        _COMPILED_DEQUANT["fn"] = torch.compile(functools.partial(dequantize_packed, inplace=False), dynamic=False)
+    _COMPILED_DEQUANT["depth"] += 1
+    try:
+        yield
+    finally:
+        _COMPILED_DEQUANT["depth"] -= 1
+
+
+def packed_dequantizer():
+    """dequantize_packed, or its compiled form inside `compiled_dequantization()`."""
+    return _COMPILED_DEQUANT["fn"] if _COMPILED_DEQUANT["depth"] > 0 else dequantize_packed
+
+
+def warm_compiled_dequantization(model: torch.nn.Module) -> tuple[int, float]:
+    """Compile the de-quantization of every distinct layer shape in `model` now (not in a timed call): (layers, s)."""
+    n, t0 = 0, time.perf_counter()
+    with compiled_dequantization(), torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "weight_packed") and hasattr(m, "dequantize_weight"):
+                m.dequantize_weight()
+                n += 1
+    return n, time.perf_counter() - t0

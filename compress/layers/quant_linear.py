@@ -36,6 +36,7 @@ from compress.kernels.weight_only import (
     int8_matmul_weight_only,
     int8_pack,
     int8_unsupported,
+    packed_dequantizer,
 )
 
 FALLBACK = "dequantize-on-the-fly"
@@ -98,9 +99,12 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(codes, self.weight_scale, zeros, g_idx, spec)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.weight_g_idx is None:  # natural groups: straight from the packed words (compiled where enabled)
+            return packed_dequantizer()(self.weight_packed, self.weight_zero_point, self.weight_scale, self.spec.bits,
+                                        self.code_features, self.out_features, self.spec.group_size,
+                                        dtype or self.compute_dtype)
         qw = self.quantized_weight()
-        g_idx = qw.g_idx if self.weight_g_idx is not None else None  # natural groups: broadcast, no gather
-        return dequantize_codes(qw.codes, qw.scales, qw.zeros, g_idx, self.spec.group_size).to(dtype or self.compute_dtype)
+        return dequantize_codes(qw.codes, qw.scales, qw.zeros, qw.g_idx, self.spec.group_size).to(dtype or self.compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
