@@ -99,7 +99,8 @@ def main() -> None:
             "protocol": f"batch 1, prompt {args.prompt_len} random token ids (seed 0), {args.decode_tokens} new tokens "
                         f"greedy with KV cache, median of {args.repeats} after 1 warm-up, eager PyTorch"
                         + ("; compiled rows: static KV cache, torch.compile(dynamic=False) of the one-token decode "
-                           "step, eager prefill, compile = the warm-up's first compiled step (compile + 1 token)"
+                           "step, eager prefill with compiled de-quantization, compile = the warm-up's first "
+                           "compiled step (compile + 1 token) [+ the de-quantization's compile, per layer shape]"
                            if compiled else ""),
             "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "default (/tmp/torchinductor_<user>)",
             "calibration": f"wikitext2 train, {args.nsamples} x 512 tokens (GPTQ, SmoothQuant, LLM-Pruner)"}
@@ -132,7 +133,8 @@ def main() -> None:
                          "peak_rss_mib": round(speed["peak_memory_bytes"] / 2**20, 1),
                          "bits_per_weight": model_size(model)["bits_per_weight"],
                          "kernels": dict(Counter(kern["per_layer"].values())),
-                         "compile_seconds": speed.get("compile_seconds")}
+                         "compile_seconds": speed.get("compile_seconds"),
+                         "dequant_compile_seconds": speed.get("dequant_compile_seconds")}
             print(f"{row}: prefill {rows[row]['prefill']:.1f} tok/s, decode {rows[row]['decode']:.2f} tok/s"
                   + (f", compile {rows[row]['compile_seconds']:.1f} s" if comp else ""), flush=True)
         if model is not base:
@@ -180,6 +182,8 @@ def _print_table(head: dict, rows: dict, llama: dict | None) -> None:
         dr = f"{r['decode'] / ref['decode']:.2f}" if ref else "-"
         ks = ", ".join(f"{k} ({n})" for k, n in kern.most_common())
         cs = f"{r['compile_seconds']:.1f}" if r.get("compile_seconds") is not None else "-"
+        if r.get("dequant_compile_seconds") is not None:
+            cs += f" + {r['dequant_compile_seconds']:.1f}"  # the decode step + the prefill's de-quantization
         print(f"| {name} | {r['prefill']:.1f} | {pr} | {r['decode']:.2f} | {dr} | {cs} | {r['peak_rss_mib']:.0f} | "
               f"{r['bits_per_weight']} | {ks} |")
     if llama:

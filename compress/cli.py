@@ -327,6 +327,9 @@ def _generate_cmd() -> click.Command:
         if r["compile_seconds"] is not None:
             click.echo(f"compile {r['compile_seconds']:.1f} s (the first compiled decode step, left out of the decode "
                        f"speed; static KV cache, torch.compile)", err=True)
+        if r.get("dequant_compile_seconds") is not None:
+            click.echo(f"compile {r['dequant_compile_seconds']:.1f} s (the prefill's de-quantization, per layer shape, "
+                       "before the prompt)", err=True)
         for kernel, n in r["kernels"].items():
             click.echo(f"  {n} layer{'s' if n != 1 else ''}: {kernel}", err=True)
 

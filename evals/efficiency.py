@@ -186,6 +186,8 @@ def measure_speed(model: nn.Module, *, prompt_len: int = 256, decode_tokens: int
     }
     if decoder is not None:
         out["compile_seconds"] = round(decoder.compile_seconds, 2)
+        out["dequant_compile_seconds"] = decoder.dequant_compile_seconds
+        out["protocol"]["decode"] += "; compiled de-quantization in the prefill"
     if device.type == "cuda":
         out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
         out["peak_memory_measure"] = "torch.cuda.max_memory_allocated during the measurement (weights included)"

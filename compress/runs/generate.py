@@ -92,6 +92,7 @@ def generate(model: str, prompt: str, *, max_new_tokens: int = 128, chat: bool =
         "prefill_tokens_per_second": ids.shape[1] / prefill_s,
         "decode_tokens_per_second": timed_steps / decode_s if timed_steps > 0 and decode_s > 0 else None,
         "decode_steps": timed_steps, "compile_seconds": decoder.compile_seconds if decoder else None,
+        "dequant_compile_seconds": decoder.dequant_compile_seconds if decoder else None,
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else host_peak_rss(),
         "peak_memory_measure": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "process peak RSS (VmHWM)",
         "load_seconds": load_seconds, "device": str(dev), "threads": torch.get_num_threads(),
