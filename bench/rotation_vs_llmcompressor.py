@@ -5,8 +5,8 @@ Both rotate (norms folded, Hadamard rotations fused into the weights), then run 
 the same grid (bits, group size, asymmetric) from the same calibration token sequences (C4 train, the data kit's
 sample, seed 0); both models are measured by the same perplexity code (WikiText-2 raw test, seqlen 2048,
 --eval-windows windows, bfloat16). Rotations: ours R1 (randomized Hadamard 576 = Paley II 36 x Sylvester 16), with
-and without the online R4 before down_proj; llm-compressor's SpinQuantModifier with its offline rotations R1 and R2
-(transform_type random-hadamard; R2 rotates v_proj/o_proj per head, which ours does not), fused, so the bench reads
+and without the online R4 before down_proj, with and without R2 (--ours picks the variants); llm-compressor's SpinQuantModifier with its offline rotations R1 and R2
+(transform_type random-hadamard; R2 rotates v_proj/o_proj per head, ours with --r2 too), fused, so the bench reads
 its weights into the same model. (Its R4 is a run-time hook of its own stack, not read here.) Wall time: ours is
 Recipe.run (rotation and GPTQ), llm-compressor's is its oneshot().
 
@@ -31,6 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# our rotate stages beside llm-compressor's R1 + R2 (R4: the online Hadamard before down_proj)
+OURS = {"r1+r4": {}, "r1": {"online": False}, "r1+r2+r4": {"r2": True}, "r1+r2": {"r2": True, "online": False}}
+
 
 def main() -> None:
     import torch
@@ -51,6 +54,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", default="8", help="windows of 2048 tokens to use, or all")
+    ap.add_argument("--ours", default="r1+r4,r1+r2+r4,r1", help=f"our rotations, from {', '.join(OURS)}")
     ap.add_argument("--venv", default=None, help="peer venv folder (default: $COMPRESS_CACHE_DIR/venvs/llmcompressor-0.14)")
     args = ap.parse_args()
     windows = None if args.eval_windows == "all" else int(args.eval_windows)
@@ -78,7 +82,7 @@ def main() -> None:
         for bits in [int(b) for b in args.bits.split(",")]:
             label = f"w{bits} g{args.group_size}"
             ours = {}
-            for name, rot in (("rotate(R1+R4)+gptq", {}), ("rotate(R1)+gptq", {"online": False})):
+            for name, rot in ((f"rotate({v.upper()})+gptq", OURS[v]) for v in args.ours.split(",")):
                 model = copy.deepcopy(lm.model)
                 stages = [{"method": "rotate", **rot}, {"method": "gptq", "bits": bits, "group_size": args.group_size}]
                 t0 = time.perf_counter()

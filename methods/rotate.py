@@ -28,6 +28,8 @@ class RotateConfig(MethodConfig):
                      choices=R1_KINDS)
     online: bool = option(True, "rotate the down-projection's input by an online Hadamard R4 at run time (--no-online: "
                                 "R1 only, a model every export and tool can run)")
+    r2: bool = option(False, "also rotate every attention head's values by a Hadamard R2 fused into v_proj and o_proj "
+                             "(SpinQuant's R2; exact, no run-time cost)")
 
 
 @register("rotate", family="quantization", summary="QuaRot/SpinQuant rotations: norm folding, Hadamard R1 fused, online R4 "
@@ -39,12 +41,13 @@ class Rotate(Method):
     layerwise = False
 
     def describe(self) -> str:
-        return f"r1 {self.config.r1}{' +r4' if self.config.online else ''}"
+        return f"r1 {self.config.r1}{' +r2' if self.config.r2 else ''}{' +r4' if self.config.online else ''}"
 
     def prepare(self, model, ctx) -> None:
-        check_rotatable(model, self.config.r1, self.config.online)
+        check_rotatable(model, self.config.r1, self.config.online, self.config.r2)
 
     def apply(self, model, ctx):
-        self.report.update(rotate_model(model, r1=self.config.r1, online=self.config.online, seed=ctx.seed))
+        self.report.update(rotate_model(model, r1=self.config.r1, online=self.config.online, seed=ctx.seed,
+                                        r2=self.config.r2))
         log.info("rotate: R1 %s%s", self.report["r1"], f"; online R4 {self.report['online_r4']}" if self.config.online else "")
         return model

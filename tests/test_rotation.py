@@ -107,6 +107,23 @@ def test_rotated_float_model_gives_the_same_logits(arch, r1, online):
     assert "r1" in recipe.report()["rotate"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_r2_per_head_rotation_is_exact_with_grouped_query_attention(arch):
+    m = tiny_model(arch, seed=1, hidden=128, intermediate=256, heads=4, kv_heads=2)  # head_dim 32, 2 q heads per kv
+    ref = copy.deepcopy(m)
+    recipe = Recipe.from_specs([{"method": "rotate", "r2": True}])
+    rot = recipe.run(m, RunContext(progress=False))
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(rot(ids).logits, ref(ids).logits, rtol=0, atol=2e-5)
+    assert "per head of 32" in recipe.report()["rotate"]["r2"]
+    # R2 changed v_proj and o_proj beyond what R1 alone does
+    r1_only = Recipe.from_specs([{"method": "rotate"}]).run(copy.deepcopy(ref), RunContext(progress=False))
+    v, v1 = rot.model.layers[0].self_attn.v_proj.weight, r1_only.model.layers[0].self_attn.v_proj.weight
+    assert not torch.allclose(v, v1)
+    torch.testing.assert_close(rot.model.layers[0].self_attn.q_proj.weight, r1_only.model.layers[0].self_attn.q_proj.weight)
+
+
 def test_random_r1_for_a_width_without_hadamard():
     model = _model("llama", hidden=92, intermediate=192)
     with pytest.raises(ConfigError, match="hidden width 92.*--r1 random"):

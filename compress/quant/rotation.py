@@ -8,6 +8,10 @@
    The float model's outputs are unchanged (up to rounding). A tied head is untied (the head absorbs the final norm).
 3. Online R4 (optional): the down-projection's input is rotated at run time by a Hadamard transform H (fast
    Walsh-Hadamard butterfly, compress.layers.online_hadamard), W_down <- W_down H^T.
+4. R2 (optional, SpinQuant section 3.1, fused like R1): every attention head's values are rotated by one orthogonal
+   R2 [head_dim, head_dim]: v_proj's rows of each key/value head W_v,h <- R2^T W_v,h (b_v,h <- R2^T b_v,h), o_proj's
+   columns of each query head W_o,h <- W_o,h R2. Attention mixes value vectors of one head linearly, so each head's
+   output is rotated by R2 and o_proj undoes it: exact, grouped-query attention included.
 
 R1 is QuaRot's randomized Hadamard diag(s) H_D / sqrt(D) (s random signs from the run's seed) where a Hadamard
 matrix of order D is built here (2^k, or a Paley order times 2^k: SmolLM2's 576 = 36 x 16), else the caller asks for
@@ -33,7 +37,14 @@ _IN_ATTN, _OUT_ATTN = ("q_proj", "k_proj", "v_proj"), "o_proj"
 _IN_MLP, _OUT_MLP = ("gate_proj", "up_proj"), "down_proj"
 
 
-def check_rotatable(model: nn.Module, r1: str = "hadamard", online: bool = True) -> None:
+def _head_dims(cfg) -> tuple[int, int, int]:
+    """(head_dim, query heads, key/value heads) from a LLaMA-layout config."""
+    heads = cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return hd, heads, getattr(cfg, "num_key_value_heads", None) or heads
+
+
+def check_rotatable(model: nn.Module, r1: str = "hadamard", online: bool = True, r2: bool = False) -> None:
     """Before any work: the model's architecture and widths allow the rotation asked for (one-line errors)."""
     if r1 not in R1_KINDS:
         raise ConfigError(f"--r1 {r1!r} is not known; allowed: {', '.join(R1_KINDS)}")
@@ -54,6 +65,8 @@ def check_rotatable(model: nn.Module, r1: str = "hadamard", online: bool = True)
         require_plan(cfg.hidden_size, f"rotate --r1 hadamard (hidden width {cfg.hidden_size})")
     if online:
         require_plan(cfg.intermediate_size, f"rotate's online Hadamard (MLP width {cfg.intermediate_size})")
+    if r2:
+        require_plan(_head_dims(cfg)[0], f"rotate --r2 (head dimension {_head_dims(cfg)[0]})")
 
 
 def _linear(block: nn.Module, path: str) -> nn.Linear:
@@ -84,6 +97,18 @@ def _rotate_output(lin: nn.Linear, r: torch.Tensor) -> None:  # W <- R^T W, b <-
         lin.bias.copy_((lin.bias.double() @ rr).to(lin.bias.dtype))
 
 
+@torch.no_grad()
+def _rotate_heads(v_proj: nn.Linear, o_proj: nn.Linear, r2: torch.Tensor, hd: int) -> None:
+    """Step 4 for one block: v_proj's output rows and o_proj's input columns, head by head."""
+    rr = r2.to(v_proj.weight.device)
+    wv = v_proj.weight.double().view(-1, hd, v_proj.in_features)  # [kv heads, hd, D]
+    v_proj.weight.copy_(torch.einsum("ji,hjd->hid", rr, wv).reshape(v_proj.weight.shape).to(v_proj.weight.dtype))
+    if v_proj.bias is not None:
+        v_proj.bias.copy_((v_proj.bias.double().view(-1, hd) @ rr).reshape(-1).to(v_proj.bias.dtype))
+    wo = o_proj.weight.double().view(o_proj.out_features, -1, hd)  # [D, q heads, hd]
+    o_proj.weight.copy_((wo @ rr.to(o_proj.weight.device)).reshape(o_proj.weight.shape).to(o_proj.weight.dtype))
+
+
 def _untie(model: nn.Module) -> bool:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
@@ -104,9 +129,10 @@ def r1_matrix(kind: str, width: int, seed: int) -> tuple[torch.Tensor, str]:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, *, r1: str = "hadamard", online: bool = True, seed: int = 0) -> dict[str, Any]:
-    """Steps 1-3 above, in place. Returns what was done (for the run record)."""
-    check_rotatable(model, r1, online)
+def rotate_model(model: nn.Module, *, r1: str = "hadamard", online: bool = True, seed: int = 0,
+                 r2: bool = False) -> dict[str, Any]:
+    """Steps 1-4 above, in place. Returns what was done (for the run record)."""
+    check_rotatable(model, r1, online, r2)
     cfg = model.config
     prefix, blocks = find_blocks(model)
     untied = _untie(model)
@@ -114,6 +140,8 @@ def rotate_model(model: nn.Module, *, r1: str = "hadamard", online: bool = True,
     emb = model.get_input_embeddings()
     emb.weight.copy_((emb.weight.double() @ r.to(emb.weight.device)).to(emb.weight.dtype))
     online_desc = None
+    hd = _head_dims(cfg)[0]
+    r2m = random_hadamard(hd, seed + 1) if r2 else None
     for block in blocks:
         attn_in = [_linear(block, f"self_attn.{n}") for n in _IN_ATTN]
         mlp_in = [_linear(block, f"mlp.{n}") for n in _IN_MLP]
@@ -123,6 +151,8 @@ def rotate_model(model: nn.Module, *, r1: str = "hadamard", online: bool = True,
             _rotate_input(lin, r)
         for path in (f"self_attn.{_OUT_ATTN}", f"mlp.{_OUT_MLP}"):
             _rotate_output(_linear(block, path), r)
+        if r2:
+            _rotate_heads(_linear(block, "self_attn.v_proj"), _linear(block, f"self_attn.{_OUT_ATTN}"), r2m, hd)
         if online:
             wrapped = OnlineHadamardLinear.wrap(_linear(block, f"mlp.{_OUT_MLP}"))
             block.mlp.down_proj = wrapped
@@ -131,5 +161,8 @@ def rotate_model(model: nn.Module, *, r1: str = "hadamard", online: bool = True,
     norm = model.get_submodule(prefix.rsplit(".", 1)[0] + ".norm") if "." in prefix else model.norm
     _fold_norm(norm, [head])
     _rotate_input(head, r)
-    return {"r1": r1_desc, "online_r4": f"before every down_proj: Hadamard {online_desc}" if online else None,
+    r2_desc = (f"per head of {hd}: randomized Hadamard {require_plan(hd, 'r2').describe()}, signs seed {seed + 1}"
+               if r2 else None)
+    return {"r1": r1_desc, "r2": r2_desc,
+            "online_r4": f"before every down_proj: Hadamard {online_desc}" if online else None,
             "untied_head": untied, "blocks": len(blocks)}
