@@ -5,6 +5,7 @@ import torch
 
 import compress.kernels.int8 as int8
 from compress.kernels.int8 import int8_matmul, int8_matmul_fallback, int_mm_supported
+import compress.layers.w8a8_linear as w8a8_linear
 from compress.layers.w8a8_linear import W8A8Linear
 
 
@@ -71,7 +72,7 @@ def test_w8a8_linear_matches_reference_and_both_paths(scheme, monkeypatch):
         assert torch.equal(mod(x), got)
 
 
-def test_onednn_path_is_exact_and_repacks_changed_weights():
+def test_onednn_path_is_exact_and_repacks_changed_weights(monkeypatch):
     if not int8.onednn_int8_supported():
         pytest.skip("oneDNN's int8 GEMM is not available in this torch build")
     g = torch.Generator().manual_seed(3)
@@ -80,11 +81,14 @@ def test_onednn_path_is_exact_and_repacks_changed_weights():
     ws = torch.rand(24, generator=g)
     assert torch.equal(int8.onednn_scaled_matmul(a, int8.onednn_pack(b), ws), int8_matmul(a, b).float() * ws)
     mod = W8A8Linear.from_float(torch.randn(24, 72, generator=g))
-    x = torch.randn(4, 72, generator=g)
+    x = torch.randn(w8a8_linear.ONEDNN_MIN_ROWS, 72, generator=g)  # long enough for the oneDNN path
     with torch.no_grad():
         before = mod(x)
+        assert getattr(mod, "_onednn_key", None) is not None  # it ran through oneDNN
         mod.weight.neg_()  # an in-place change of the codes: the packed copy must follow
         after = mod(x)
+        monkeypatch.setattr(int8, "_ONEDNN_OK", [False])
+        assert torch.equal(mod(x), after)  # and torch._int_mm gives the same bits
     assert torch.allclose(after, -before, rtol=1e-5, atol=1e-5)
 
 

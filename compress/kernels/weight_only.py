@@ -174,8 +174,12 @@ def compiled_dequantization():
     if _COMPILED_DEQUANT["fn"] is None:
         _COMPILED_DEQUANT["fn"] = torch.compile(functools.partial(dequantize_packed, inplace=False), dynamic=False)
     _COMPILED_DEQUANT["depth"] += 1
+    # one compiled graph per (shape, bits, group, dtype): models and benchmarks exceed dynamo's default of 8 per
+    # function, after which it would run the gather form eagerly, slower than the in-place eager path
+    limit = max(torch._dynamo.config.recompile_limit, 256)
     try:
-        yield
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            yield
     finally:
         _COMPILED_DEQUANT["depth"] -= 1
 

@@ -5,7 +5,7 @@
   each token's abs-max at run time) or per tensor (static, scale calibrated on the calibration set), the product in
   int32, rescaled to float: (acc * Delta_w) * Delta_x. Stored as it runs: `weight` int8 [out, in], `weight_scale`
   float16 [out, 1] ([1, 1] per tensor), `input_scale` float32 [1] (static only), `bias` in the compute dtype.
-  On CPU the product runs in oneDNN's int8 GEMM with Delta_w fused (compress.kernels.int8.onednn_scaled_matmul; its
+  On CPU, calls of at least ONEDNN_MIN_ROWS rows run the product in oneDNN's int8 GEMM with Delta_w fused (compress.kernels.int8.onednn_scaled_matmul; its
   prepacked weight is a run-time copy, rebuilt when `weight` changes), elsewhere torch._int_mm or the exact fallback;
   both give the same bits.
 """
@@ -19,6 +19,10 @@ from compress.kernels.int8 import (INT8_MAX, absmax_scale, int8_matmul, onednn_i
 from compress.kernels.quant_grid import SCALE_DTYPE, round_scale
 
 ACT_SCHEMES = ("per-token", "per-tensor")
+# oneDNN's int8 GEMM pays only for long calls: on SmolLM2's shapes (AMX CPU, 2 threads, 2026-12-04) it halved the
+# 1536 x 576 layer at 512 rows (1.60 vs 3.28 ms) and tied torch._int_mm elsewhere from 4 to 512 rows, but one row
+# through the 192 x 576 layer took 1.45 ms against 0.05: so calls of fewer rows (decode) keep torch._int_mm
+ONEDNN_MIN_ROWS = 256
 WEIGHT_SCHEMES = ("per-channel", "per-tensor")
 
 
@@ -88,7 +92,7 @@ class W8A8Linear(nn.Module):
         sx = self.input_scales(x2)
         # quantize_int8 with in-place steps: x / Delta in float32, round, clamp, int8
         xq = torch.div(x2, sx).round_().clamp_(-128, 127).to(torch.int8)
-        if x2.device.type == "cpu" and onednn_int8_supported():
+        if x2.device.type == "cpu" and x2.shape[0] >= ONEDNN_MIN_ROWS and onednn_int8_supported():
             y = onednn_scaled_matmul(xq, self._onednn_weight(), self._w_scale_vector())
         else:
             acc = int8_matmul(xq, self.weight)  # [T, out] int32
