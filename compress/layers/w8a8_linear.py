@@ -5,9 +5,9 @@
   each token's abs-max at run time) or per tensor (static, scale calibrated on the calibration set), the product in
   int32, rescaled to float: (acc * Delta_w) * Delta_x. Stored as it runs: `weight` int8 [out, in], `weight_scale`
   float16 [out, 1] ([1, 1] per tensor), `input_scale` float32 [1] (static only), `bias` in the compute dtype.
-  On CPU, calls of at least ONEDNN_MIN_ROWS rows run the product in oneDNN's int8 GEMM with Delta_w fused (compress.kernels.int8.onednn_scaled_matmul; its
-  prepacked weight is a run-time copy, rebuilt when `weight` changes), elsewhere torch._int_mm or the exact fallback;
-  both give the same bits.
+  On CPU, calls of at least ONEDNN_MIN_ROWS rows run the product in oneDNN's int8 GEMM with Delta_w fused
+  (compress.kernels.int8.onednn_scaled_matmul; its prepacked weight is a run-time copy, rebuilt when `weight`
+  changes), other calls torch._int_mm or the exact fallback; all give the same bits.
 """
 from __future__ import annotations
 
