@@ -105,8 +105,7 @@ class W8A8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def __getstate__(self):  # copies and pickles leave the packed run-time copy out (an opaque oneDNN tensor)
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k not in ("_onednn_packed", "_onednn_key")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_onednn_packed", "_onednn_key")}
 
     def _w_scale_vector(self) -> torch.Tensor:
         return self.weight_scale.float().reshape(-1).expand(self.out_features).contiguous()

@@ -37,11 +37,8 @@ _IN_ATTN, _OUT_ATTN = ("q_proj", "k_proj", "v_proj"), "o_proj"
 _IN_MLP, _OUT_MLP = ("gate_proj", "up_proj"), "down_proj"
 
 
-def _head_dims(cfg) -> tuple[int, int, int]:
-    """(head_dim, query heads, key/value heads) from a LLaMA-layout config."""
-    heads = cfg.num_attention_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return hd, heads, getattr(cfg, "num_key_value_heads", None) or heads
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def check_rotatable(model: nn.Module, r1: str = "hadamard", online: bool = True, r2: bool = False) -> None:
@@ -66,7 +63,7 @@ def check_rotatable(model: nn.Module, r1: str = "hadamard", online: bool = True,
     if online:
         require_plan(cfg.intermediate_size, f"rotate's online Hadamard (MLP width {cfg.intermediate_size})")
     if r2:
-        require_plan(_head_dims(cfg)[0], f"rotate --r2 (head dimension {_head_dims(cfg)[0]})")
+        require_plan(_head_dim(cfg), f"rotate --r2 (head dimension {_head_dim(cfg)})")
 
 
 def _linear(block: nn.Module, path: str) -> nn.Linear:
@@ -140,7 +137,7 @@ def rotate_model(model: nn.Module, *, r1: str = "hadamard", online: bool = True,
     emb = model.get_input_embeddings()
     emb.weight.copy_((emb.weight.double() @ r.to(emb.weight.device)).to(emb.weight.dtype))
     online_desc = None
-    hd = _head_dims(cfg)[0]
+    hd = _head_dim(cfg)
     r2m = random_hadamard(hd, seed + 1) if r2 else None
     for block in blocks:
         attn_in = [_linear(block, f"self_attn.{n}") for n in _IN_ATTN]
