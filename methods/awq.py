@@ -8,6 +8,9 @@ search of the block reads the inputs of the block before any change):
      minimising || M(Q(W diag(s)) diag(s)^-1, X) - M(W, X) ||^2 over the calibration inputs, where M is the smallest
      module holding the group (self-attention for q/k/v, the MLP for gate/up) and Q the run's grid; then
      Y = (X diag(s)^-1)(diag(s) W) folded into the norm and the linears (the smoothing transform, eq. 3 of SmoothQuant);
+     the same for every linear fed channel for channel by another linear through products only (the reference's
+     up -> down, and v -> o where the shapes match: found by the traced data flow), M the fed linear itself and
+     diag(s)^-1 folded into the producer's output rows;
   2. clipping search (the reference's auto_clip): per linear (q/k excluded, as in the reference) and per group of its
      grid, the clip ratio c in 1, 0.95, ..., 1 - max_shrink + 0.05 of max|w| minimising the output error
      (Q(clamp(w, -c max|w|, c max|w|)) - w) H (...)^T with H = X^T X / n the group's input Gram matrix (exactly the
@@ -30,7 +33,7 @@ from compress.kernels.quant_grid import (QuantSpec, WeightQuantConfig, fake_quan
 from compress.layers.quant_linear import QuantLinear
 from compress.layers.weights import linear_weight
 from compress.pipeline.method import Method, Needs, register
-from compress.quant.smoothing import fold_smoothing, smoothable_groups
+from compress.quant.smoothing import fold_into_linear, fold_smoothing, linear_fed_groups, smoothable_groups
 
 # The reference's auto_clip skips the linears whose outputs only meet as attention scores (llm-awq: "q_", "k_",
 # "query", "key", "Wqkv"): their own output error says little about the scores' error.
@@ -47,6 +50,8 @@ class AWQConfig(WeightQuantConfig):
     clip: bool = option(True, "search each group's clip ratio by its output error (the reference's auto_clip)")
     clip_grid: int = option(20, "clip ratios 1 - i / clip_grid", range=(1, 1000))
     max_shrink: float = option(0.5, "smallest clip ratio searched is 1 - max_shrink (the reference's 0.5)", range=(0.0, 0.95))
+    linear_scales: bool = option(True, "also scale the linear-to-linear pairs (up -> down; v -> o where the shapes "
+                                       "match, no grouped KV), as the reference code; off: the norm-fed groups only")
     scale_only: bool = option(False, "scale (and clip) the float weights only, quantize nothing: a first stage before "
                                      "gptq in a recipe")
 
@@ -174,10 +179,13 @@ class AWQ(Method):
         c = self.config
         spec = c.spec()
         targets = block.targets()
-        groups = smoothable_groups(block)
+        # (producer, linears, whether the producer is a norm): the norm-fed groups, then the linear-fed ones
+        groups = [(p, names, True) for p, names in smoothable_groups(block)]
+        if c.linear_scales:
+            groups += [(p, names, False) for p, names in linear_fed_groups(block)]
         # ---- one calibration pass: inspected modules' calls and outputs, mean |x| of each group, input Gram matrices
         caps, handles = {}, []
-        for norm, names in groups:
+        for norm, names, _ in groups:
             parent = _common_parent(names)
             cap = caps[norm] = _Capture()
             mod = block.block if parent == "" else block.get(parent)
@@ -193,10 +201,10 @@ class AWQ(Method):
         finally:
             for h in handles:
                 h.remove()
-        # ---- 1. scale search per norm-fed group, on the original block
+        # ---- 1. scale search per group, on the original block
         report = self.report.setdefault("layers", {})
         folded: dict[str, torch.Tensor] = {}
-        for norm, names in groups:
+        for norm, names, by_norm in groups:
             cap = caps[norm]
             parent = _common_parent(names)
             inspect = block.block if parent == "" else block.get(parent)
@@ -221,7 +229,10 @@ class AWQ(Method):
             for lin, w in zip(linears, originals):
                 lin.weight.copy_(w)
             loss, alpha, s = best
-            fold_smoothing(block.get(norm), linears, s)
+            if by_norm:
+                fold_smoothing(block.get(norm), linears, s)
+            else:
+                fold_into_linear(block.get(norm), linears, s)
             folded.update({n: s for n in names})
             report[block.qualified(norm)] = {"linears": names, "alpha": alpha, "loss": loss, "loss_alpha0": losses.get(0.0),
                                              "s_min": round(float(s.min()), 5), "s_max": round(float(s.max()), 5)}

@@ -296,3 +296,45 @@ def test_awq_clip_search_short_last_group():
     d0 = rtn_quantize(w[:, 32:], QuantSpec(3, 16)).dequantize() - w[:, 32:]
     d1 = rtn_quantize(clipped[:, 32:], QuantSpec(3, 16)).dequantize() - w[:, 32:]
     assert torch.all(((d1 @ H[32:, 32:]) * d1).sum(1) <= ((d0 @ H[32:, 32:]) * d0).sum(1) + 1e-5)
+
+
+@pytest.mark.parametrize("arch,kv_heads,expected", [
+    ("llama", None, {"self_attn.o_proj": "self_attn.v_proj", "mlp.down_proj": "mlp.up_proj"}),
+    ("llama", 2, {"mlp.down_proj": "mlp.up_proj"}),  # grouped KV: v's outputs are fewer than o's inputs
+    ("opt", None, {"self_attn.out_proj": "self_attn.v_proj", "fc2": "fc1"}),  # ReLU is positively homogeneous
+])
+def test_channel_producers_from_data_flow(arch, kv_heads, expected):
+    """The linear-to-linear pairs AWQ's reference code scales (up -> down, v -> o, OPT's fc1 -> fc2), found by the
+    exact power-of-two test on the traced block; never gate -> down (SiLU) or q/k -> o (softmax)."""
+    from compress.model.arch import channel_producers, find_blocks, trace_block
+    from compress.model.tiny import tiny_model
+
+    model = tiny_model(arch, kv_heads=kv_heads)
+    _, blocks = find_blocks(model)
+    cap = {}
+    h = blocks[0].register_forward_pre_hook(lambda m, a, k: cap.update(a=a, k=dict(k)), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 256, (1, 16)))
+    h.remove()
+    x = cap["a"][0] if cap["a"] else cap["k"].pop("hidden_states")
+    graph = trace_block(blocks[0], x, cap["k"])
+    assert channel_producers(blocks[0], x, cap["k"], graph) == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_awq_linear_scales_fold_and_report(arch, tiny_calib):
+    """The linear-fed groups are searched and folded (producer rows / s, consumer columns * s): the float model
+    computes the same function, and turning them off leaves the producers' output rows alone."""
+    model = _outlier_model(arch)
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    spec = {"method": "awq", "bits": 3, "group_size": 16, "n_grid": 5, "clip": False, "scale_only": True}
+    on, off = copy.deepcopy(model), copy.deepcopy(model)
+    rep_on = _engine_run(on, tiny_calib, spec).stages[0].report["layers"]
+    rep_off = _engine_run(off, tiny_calib, {**spec, "linear_scales": False}).stages[0].report["layers"]
+    producer = "mlp.up_proj" if arch == "llama" else "fc1"
+    assert any(k.endswith(producer) for k in rep_on) and not any(k.endswith(producer) for k in rep_off)
+    assert any(k.endswith("v_proj") for k in rep_on)
+    with torch.no_grad():
+        torch.testing.assert_close(on(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)

@@ -109,3 +109,69 @@ def trace_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> BlockGr
             order.append(name)
             groups.append([name])
     return BlockGraph(order=order, input_groups=groups, producers=producers)
+
+
+def _out_features(module: nn.Module) -> int | None:
+    return getattr(module, "out_features", None)
+
+
+def _in_features(module: nn.Module) -> int | None:
+    return getattr(module, "in_features", None)
+
+
+@torch.no_grad()
+def channel_producers(block: nn.Module, hidden: torch.Tensor, kwargs: dict, graph: BlockGraph) -> dict[str, str]:
+    """First linear of an input group not fed by a norm -> the linear whose output channels reach that group's input
+    channel for channel through products only (a gated MLP's up -> down; multi-head attention's v -> o when the
+    shapes match, as AWQ's reference code requires), read off the data flow, not the names.
+
+    The test is exact: each candidate's output channels are multiplied by random powers of two (exact in every float
+    format), and the candidate produces the group iff the group's input changes by exactly the same factors. A
+    non-linearity on the path (SiLU, GELU, a softmax, a norm) breaks the equality, so gate -> down or q -> o never
+    pass; ReLU is positively homogeneous, so OPT's fc1 -> ReLU -> fc2 passes, as in the reference code's OPT scales."""
+    mods = dict(block.named_modules())
+    open_groups = [g for g in graph.input_groups if graph.producers.get(g[0]) is None and _in_features(mods[g[0]])]
+    if not open_groups:
+        return {}
+    firsts = {g[0] for g in open_groups}
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(m, inp, out):
+            if name not in seen:
+                seen[name] = inp[0].detach().clone()
+        return hook
+
+    def run(extra: list) -> dict[str, torch.Tensor]:
+        seen.clear()
+        handles = [mods[n].register_forward_hook(record(n)) for n in firsts] + extra
+        try:
+            block(hidden, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return dict(seen)
+
+    clean = run([])
+    position = {n: i for i, n in enumerate(graph.order)}
+    gen = torch.Generator().manual_seed(0)
+    found: dict[str, str] = {}
+    for cand in graph.order:
+        width = _out_features(mods[cand])
+        wanted = [g[0] for g in open_groups if g[0] not in found and cand not in g and g[0] in clean
+                  and _in_features(mods[g[0]]) == width and position[cand] < position[g[0]]]
+        if not wanted:
+            continue
+        r = torch.pow(2.0, torch.randint(-2, 3, (width,), generator=gen).float())
+
+        def scale(m, inp, out, r=r):
+            return out * r.to(out.device, out.dtype)
+        scaled = run([mods[cand].register_forward_hook(scale)])
+        for first in wanted:
+            x, x2 = clean[first], scaled.get(first)
+            if x2 is None or x2.shape != x.shape:
+                continue
+            expect = x.float() * r.to(x.device)
+            if float(expect.norm()) > 0 and float((x2.float() - expect).norm()) <= 1e-3 * float(expect.norm()):
+                found[first] = cand
+    return found

@@ -27,7 +27,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from compress.kernels.hessian import HessianSource
-from compress.model.arch import BlockGraph, find_blocks, trace_block
+from compress.model.arch import BlockGraph, channel_producers, find_blocks, trace_block
 from compress.model.surgery import is_linear_like, set_module
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,19 +141,28 @@ class BlockContext:
     def __init__(self, engine: "Engine", index: int, block: nn.Module, prefix: str):
         self.engine, self.index, self.block, self.prefix = engine, index, block, prefix
         self._graph: BlockGraph | None = None
+        self._channel_producers: dict[str, str] | None = None
 
     # ---- structure ----------------------------------------------------------------------------------------------
     @property
     def graph(self) -> BlockGraph:
         """The block's data flow (linears in order, shared inputs, producing norms), traced once on real inputs."""
         if self._graph is None:
-            if self.engine.inputs is not None:
-                x = self.engine.inputs.data[:1].to(self.engine.device)
-                kwargs = self.engine.block_kwargs(1)
-            else:  # no calibration data: trace on a short random sequence through the model's own embeddings
-                x, kwargs = self.engine.synthetic_block_input()
-            self._graph = trace_block(self.block, x, kwargs)
+            self._graph = trace_block(self.block, *self._trace_input())
         return self._graph
+
+    @property
+    def channel_producers(self) -> dict[str, str]:
+        """First linear of a group not fed by a norm -> the linear feeding it channel for channel through products only
+        (up -> down; v -> o without grouped KV): traced once, on demand (AWQ's linear-to-linear scales)."""
+        if self._channel_producers is None:
+            self._channel_producers = channel_producers(self.block, *self._trace_input(), self.graph)
+        return self._channel_producers
+
+    def _trace_input(self) -> tuple[torch.Tensor, dict]:
+        if self.engine.inputs is not None:
+            return self.engine.inputs.data[:1].to(self.engine.device), self.engine.block_kwargs(1)
+        return self.engine.synthetic_block_input()  # no calibration data: a short random sequence through the embeddings
 
     def qualified(self, name: str) -> str:
         return f"{self.prefix}.{self.index}.{name}"
