@@ -132,3 +132,20 @@ def test_pack_in_row_chunks_equals_one_pass(bits, monkeypatch):
     chunked = qg.pack_bits(codes, bits)
     assert chunked.shape == whole.shape and torch.equal(chunked, whole)
     assert torch.equal(qg.unpack_bits(chunked, bits, 70), codes)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_byte_packing_equals_the_bit_stream(bits, monkeypatch):
+    """The byte-wise pack/unpack for widths not dividing 32 gives the very words of the generic bit-stream path."""
+    import types
+
+    import compress.kernels.quant_grid as qg
+
+    codes = torch.randint(0, 2**bits, (5, 577), generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+    fast = pack_bits(codes, bits)
+    monkeypatch.setattr(qg, "sys", types.SimpleNamespace(byteorder="big"))  # forces the generic int64 path
+    generic = pack_bits(codes, bits)
+    assert torch.equal(unpack_bits(generic, bits, 577), codes)
+    monkeypatch.undo()
+    assert torch.equal(fast, generic)
+    assert torch.equal(unpack_bits(fast, bits, 577), codes)
