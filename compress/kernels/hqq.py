@@ -58,7 +58,9 @@ def lp_objective(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq:
 
 def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     """Proximal operator of |x|^p / beta (generalised soft thresholding, the reference's shrink_lp_op)."""
-    return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * torch.pow(x.abs() + 1e-8, p - 1))
+    a = x.abs()
+    t = (a + 1e-8).pow_(p - 1).mul_(1.0 / beta)
+    return a.sub_(t).relu_().copysign_(x)  # sign(x) relu(|x| - |x|^(p-1) / beta), in place: the same numbers
 
 
 @torch.no_grad()
