@@ -4,9 +4,9 @@ The eager decode loop (compress.evals.efficiency.greedy_decode) pays, for every 
 forward, one dispatch per op and the growth of a dynamic KV cache. Here the cache is a transformers `StaticCache`
 (preallocated to `max_len` positions, updated in place, its position counter a tensor), so the one-token step has
 fixed shapes and `torch.compile(step, dynamic=False)` turns it into one graph, compiled once. The prompt's forward
-pass (prefill) stays eager: its length varies, and it runs once per generation; only the de-quantization of its
-quantized layers (calls of more rows than the integer kernels pay for) runs compiled
-(compress.kernels.weight_only.compiled_dequantization), compiled for each layer shape when the decoder is built
+pass (prefill) stays eager: its length varies, and it runs once per generation; only the elementwise kernels of its
+quantized layers run compiled (compress.kernels.compiled: QuantLinear's de-quantization in calls of more rows than
+the integer kernels pay for, W8A8Linear's activation quantization and rescale), compiled when the decoder is built
 (`dequant_compile_seconds`).
 
 On the CPU the step is compiled with inductor's `freezing` (parameters folded in as constants, float linears
@@ -83,17 +83,17 @@ class StaticDecoder:
         self.timed_steps = 0  # decode steps inside the last generation's decode time
         self.dequant_compile_seconds: float | None = None
         if compile:
-            from compress.kernels.weight_only import warm_compiled_dequantization
+            from compress.kernels.compiled import warm_compiled_kernels
 
-            n, secs = warm_compiled_dequantization(model)
+            n, secs = warm_compiled_kernels(model)
             self.dequant_compile_seconds = round(secs, 2) if n else None
 
     def _prefill_context(self):
         import contextlib
 
-        from compress.kernels.weight_only import compiled_dequantization
+        from compress.kernels.compiled import compiled_kernels
 
-        return compiled_dequantization() if self.compiled else contextlib.nullcontext()
+        return compiled_kernels() if self.compiled else contextlib.nullcontext()
 
     def _eager_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)

@@ -99,3 +99,25 @@ def test_w8a8_bf16_input_keeps_dtype_and_static_needs_scale():
     assert mod.storage_bits() == 16 * 32 * 8 + 16 * 16
     with pytest.raises(ValueError, match="input abs-max"):
         W8A8Linear.from_float(w, act_scheme="per-tensor")
+
+
+@pytest.mark.parametrize("act_scheme,bias", [("per-token", False), ("per-token", True), ("per-tensor", False)])
+def test_w8a8_compiled_kernels_are_bit_identical(act_scheme, bias):
+    """Inside compiled_kernels() the activation quantization and the rescale run fused by torch.compile (one graph for
+    every row count): the same bits as the eager in-place steps, on the oneDNN path and below it."""
+    from compress.evals.compiled_decode import compiler_missing
+    from compress.kernels.compiled import compiled_kernels, warm_compiled_kernels
+    from compress.layers.w8a8_linear import ONEDNN_MIN_ROWS, W8A8Linear
+
+    if compiler_missing():
+        pytest.skip(f"torch.compile cannot run here: {compiler_missing()}")
+    g = torch.Generator().manual_seed(0)
+    layer = W8A8Linear.from_float(torch.randn(48, 80, generator=g), torch.randn(48, generator=g) if bias else None,
+                                  act_scheme=act_scheme, input_absmax=4.0, dtype=torch.bfloat16)
+    assert warm_compiled_kernels(layer)[0] == 1
+    for rows in (1, 7, ONEDNN_MIN_ROWS + 3):
+        x = (3 * torch.randn(rows, 80, generator=g)).to(torch.bfloat16)
+        eager = layer(x)
+        with compiled_kernels():
+            fused = layer(x)
+        assert torch.equal(fused, eager), rows

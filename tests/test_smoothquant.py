@@ -180,7 +180,7 @@ def test_compressed_tensors_export_loads_in_transformers(scheme, tmp_path, tiny_
             # is the whole difference, layer by layer: with it set to 127.5 each of our int8 layers computes theirs.
             # (Whole-model logits are not compared: a 1e-6 float difference that flips one rounding in block 0
             # grows through the blocks.)
-            import compress.layers.w8a8_linear as int8
+            import compress.kernels.int8 as int8
 
             g = torch.Generator().manual_seed(3)
             pairs = [(n, m, ct.get_submodule(n)) for n, m in model.named_modules() if isinstance(m, W8A8Linear)]

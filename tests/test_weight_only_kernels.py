@@ -15,6 +15,7 @@ from compress.layers.quant_linear import OWQLinear, QuantLinear
 from unittest import mock  # noqa: E402
 
 from compress.kernels import weight_only  # noqa: E402
+from compress.kernels.compiled import compiled_kernels  # noqa: E402
 
 HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -166,7 +167,7 @@ def test_compiled_dequantization_is_bit_identical(bits, group, sym):
     layer = _layer(24, 100, bits, group, sym, dtype=torch.bfloat16)
     eager = layer.dequantize_weight()
     assert weight_only.packed_dequantizer() is not None
-    with weight_only.compiled_dequantization():
+    with compiled_kernels():
         assert weight_only.packed_dequantizer() is not weight_only.dequantize_packed
         got = layer.dequantize_weight()
     assert weight_only.packed_dequantizer() is weight_only.dequantize_packed

@@ -37,6 +37,36 @@ def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x.float() / scale), -128, 127).to(torch.int8)
 
 
+def quantize_activations(x2: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8's activation codes of x2 [T, in]: (int8 codes, Delta_x) with Delta_x [T, 1] from each token's abs-max
+    (dynamic; |x| and its max are exact in any float dtype, so they run in x's own dtype) or the static [1] scale.
+    The out-of-place form, which torch.compile fuses into one loop (compress.kernels.compiled)."""
+    sx = static_scale if static_scale is not None else \
+        (x2.abs().amax(dim=1, keepdim=True).float() / INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.div(x2, sx).round().clamp(-128, 127).to(torch.int8), sx
+
+
+def quantize_activations_(x2: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activations with in-place steps (fewer temporaries when eager): the same bits."""
+    sx = static_scale if static_scale is not None else \
+        (x2.abs().amax(dim=1, keepdim=True).float() / INT8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+    return torch.div(x2, sx).round_().clamp_(-128, 127).to(torch.int8), sx
+
+
+def rescale_rows(y: torch.Tensor, sx: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """y [T, N] float32 (the product already times Delta_w) times Delta_x, plus the bias, rounded once to `dtype`.
+    The out-of-place form for torch.compile."""
+    y = y * sx
+    return (y if bias is None else y + bias.float()).to(dtype)
+
+
+def rescale_rows_(y: torch.Tensor, sx: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """rescale_rows in place where eager (the last scale and the cast in one pass without a bias): the same bits."""
+    if bias is not None:
+        return y.mul_(sx).add_(bias.float()).to(dtype)
+    return torch.mul(y, sx, out=torch.empty(y.shape, dtype=dtype, device=y.device))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # int8 x int8 -> int32
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,9 +126,12 @@ def onednn_pack(b: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(b, None)
 
 
-def onednn_scaled_matmul(a: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """a [M, K] int8 times the packed b [N, K]^T, times w_scale [N] (float32) -> [M, N] float32."""
-    zeros = torch.zeros(w_scale.numel(), dtype=torch.int64)
+def onednn_scaled_matmul(a: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
+                         zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] int8 times the packed b [N, K]^T, times w_scale [N] (float32) -> [M, N] float32. `zeros`: the
+    weight's zero points [N] int64 (all zero; a caller calling often passes its own, made once)."""
+    if zeros is None:
+        zeros = torch.zeros(w_scale.numel(), dtype=torch.int64)
     return torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, packed, w_scale, zeros, None, 1.0, 0, torch.float32,
                                               "none", [], "")
 

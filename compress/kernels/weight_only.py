@@ -21,12 +21,12 @@ kernel layout; the caller falls back to de-quantization and says so.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 
 import torch
 
+from compress.kernels.compiled import compiled_form, compiling
 from compress.kernels.quant_grid import dequantize_packed
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm accepts, largest first
@@ -162,39 +162,10 @@ def int8_matmul_weight_only(x: torch.Tensor, w8: torch.Tensor, scales: torch.Ten
 # ---------------------------------------------------------------------------------------------------------------
 # Compiled de-quantization (the fallback's unpack-and-scale as one fused loop per layer shape)
 # ---------------------------------------------------------------------------------------------------------------
-_COMPILED_DEQUANT: dict = {"depth": 0, "fn": None}
-
-
-@contextlib.contextmanager
-def compiled_dequantization():
-    """Within this context the de-quantization fallback of QuantLinear runs through `torch.compile(dequantize_packed)`:
-    inductor fuses the byte unpacking, the zero point and the scale into one loop (bit-identical; on the CPU ~2x
-    faster than eager for SmolLM2's shapes). Each layer shape compiles once per process (seconds); `StaticDecoder`
-    uses it for the prefill of `--compile` runs."""
-    if _COMPILED_DEQUANT["fn"] is None:
-        _COMPILED_DEQUANT["fn"] = torch.compile(functools.partial(dequantize_packed, inplace=False), dynamic=False)
-    _COMPILED_DEQUANT["depth"] += 1
-    # one compiled graph per (shape, bits, group, dtype): models and benchmarks exceed dynamo's default of 8 per
-    # function, after which it would run the gather form eagerly, slower than the in-place eager path
-    limit = max(torch._dynamo.config.recompile_limit, 256)
-    try:
-        with torch._dynamo.config.patch(recompile_limit=limit):
-            yield
-    finally:
-        _COMPILED_DEQUANT["depth"] -= 1
+# the form torch.compile fuses (bit-identical to the in-place eager one; on the CPU ~2x faster for SmolLM2's shapes)
+_FUSED_DEQUANT = functools.partial(dequantize_packed, inplace=False)
 
 
 def packed_dequantizer():
-    """dequantize_packed, or its compiled form inside `compiled_dequantization()`."""
-    return _COMPILED_DEQUANT["fn"] if _COMPILED_DEQUANT["depth"] > 0 else dequantize_packed
-
-
-def warm_compiled_dequantization(model: torch.nn.Module) -> tuple[int, float]:
-    """Compile the de-quantization of every distinct layer shape in `model` now (not in a timed call): (layers, s)."""
-    n, t0 = 0, time.perf_counter()
-    with compiled_dequantization(), torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "weight_packed") and hasattr(m, "dequantize_weight"):
-                m.dequantize_weight()
-                n += 1
-    return n, time.perf_counter() - t0
+    """dequantize_packed, or its compiled form inside `compress.kernels.compiled.compiled_kernels()`."""
+    return compiled_form(_FUSED_DEQUANT) if compiling() else dequantize_packed

@@ -98,6 +98,10 @@ class QuantLinear(nn.Module):
         g_idx = self.weight_g_idx if self.weight_g_idx is not None else spec.g_idx(self.code_features, device=codes.device)
         return QuantizedWeight(codes, self.weight_scale, zeros, g_idx, spec)
 
+    def warm_compiled(self) -> None:
+        """Compile this shape's de-quantization now (compress.kernels.compiled.warm_compiled_kernels)."""
+        self.dequantize_weight()
+
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.weight_g_idx is None:  # natural groups: straight from the packed words (compiled where enabled)
             return packed_dequantizer()(self.weight_packed, self.weight_zero_point, self.weight_scale, self.spec.bits,
@@ -258,6 +262,10 @@ class OWQLinear(QuantLinear):
         mask = torch.ones(self.in_features, dtype=torch.bool, device=self.weak_idx.device)
         mask[self.weak_idx.long()] = False
         return torch.nonzero(mask).flatten()
+
+    def warm_compiled(self) -> None:
+        """Compile this shape's de-quantization now (compress.kernels.compiled.warm_compiled_kernels)."""
+        self.dequantize_weight()
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         part = super().dequantize_weight(torch.float32)

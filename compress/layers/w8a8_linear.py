@@ -14,8 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from compress.kernels.compiled import compiled_form, compiling
 from compress.kernels.int8 import (INT8_MAX, absmax_scale, int8_matmul, onednn_int8_supported, onednn_pack,
-                                   onednn_scaled_matmul, quantize_int8)
+                                   onednn_scaled_matmul, quantize_activations, quantize_activations_, quantize_int8,
+                                   rescale_rows, rescale_rows_)
 from compress.kernels.quant_grid import SCALE_DTYPE, round_scale
 
 ACT_SCHEMES = ("per-token", "per-tensor")
@@ -80,41 +82,37 @@ class W8A8Linear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale.float()).to(dtype or self.compute_dtype)
 
-    def input_scales(self, x2: torch.Tensor) -> torch.Tensor:
-        """Delta_x: [T, 1] per token (dynamic) or [1] per tensor (static) for x2 [T, in]. (|x| and its max are exact in
-        any float dtype, so they run in the input's own dtype: the same numbers as absmax_scale, fewer copies.)"""
-        if self.input_scale is not None:
-            return self.input_scale
-        return (x2.abs().amax(dim=1, keepdim=True).float() / INT8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        sx = self.input_scales(x2)
-        # quantize_int8 with in-place steps: x / Delta in float32, round, clamp, int8
-        xq = torch.div(x2, sx).round_().clamp_(-128, 127).to(torch.int8)
+        # the elementwise steps: eager in place, or fused by torch.compile inside compiled_kernels() (the same bits)
+        fused = compiling()
+        quantize = compiled_form(quantize_activations, dynamic=True) if fused else quantize_activations_
+        rescale = compiled_form(rescale_rows, dynamic=True) if fused else rescale_rows_
+        xq, sx = quantize(x2, self.input_scale)  # x / Delta in float32, round, clamp, int8
         if x2.device.type == "cpu" and x2.shape[0] >= ONEDNN_MIN_ROWS and onednn_int8_supported():
-            y = onednn_scaled_matmul(xq, self._onednn_weight(), self._w_scale_vector())
+            y = onednn_scaled_matmul(xq, *self._onednn_weight())
         else:
             acc = int8_matmul(xq, self.weight)  # [T, out] int32
             # in place, in the oneDNN path's order: 5x faster than int32 * float on CPU
             y = acc.float().mul_(self.weight_scale.float().t())
-        if self.bias is not None:
-            y = y.mul_(sx).add_(self.bias.float()).to(x.dtype)
-        else:  # the last scale and the cast in one pass (float32 product, rounded once to x's dtype)
-            y = torch.mul(y, sx, out=torch.empty(y.shape, dtype=x.dtype, device=y.device))
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return rescale(y, sx, self.bias, x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def warm_compiled(self) -> None:
+        """Compile the activation quantization and the rescale now (compress.kernels.compiled.warm_compiled_kernels):
+        one call of ONEDNN_MIN_ROWS rows."""
+        self(torch.zeros(ONEDNN_MIN_ROWS, self.in_features, dtype=self.compute_dtype, device=self.weight.device))
 
     def __getstate__(self):  # copies and pickles leave the packed run-time copy out (an opaque oneDNN tensor)
         return {k: v for k, v in self.__dict__.items() if k not in ("_onednn_packed", "_onednn_key")}
 
-    def _w_scale_vector(self) -> torch.Tensor:
-        return self.weight_scale.float().reshape(-1).expand(self.out_features).contiguous()
-
-    def _onednn_weight(self) -> torch.Tensor:
-        """oneDNN's prepacked copy of `weight`, packed on first use and again whenever `weight` has changed."""
-        key = (self.weight.data_ptr(), self.weight._version)
+    def _onednn_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """oneDNN's prepacked copy of `weight`, with the weight scales as the float32 [out] vector it reads and its
+        zero points: made on first use and again whenever `weight` or `weight_scale` has changed."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight_scale.data_ptr(), self.weight_scale._version)
         if getattr(self, "_onednn_key", None) != key:
-            self._onednn_packed, self._onednn_key = onednn_pack(self.weight), key
+            scale = self.weight_scale.float().reshape(-1).expand(self.out_features).contiguous()
+            zeros = torch.zeros(self.out_features, dtype=torch.int64, device=self.weight.device)
+            self._onednn_packed, self._onednn_key = (onednn_pack(self.weight), scale, zeros), key
         return self._onednn_packed
 
     # ------------------------------------------------------------------------------------------------------------
