@@ -20,6 +20,7 @@ The scales are folded and the clipping applied to the float weights, so the resu
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ from compress.layers.quant_linear import QuantLinear
 from compress.layers.weights import linear_weight
 from compress.pipeline.method import Method, Needs, register
 from compress.quant.smoothing import fold_into_linear, fold_smoothing, linear_fed_groups, smoothable_groups
+
+log = logging.getLogger("compress")
 
 # The reference's auto_clip skips the linears whose outputs only meet as attention scores (llm-awq: "q_", "k_",
 # "query", "key", "Wqkv"): their own output error says little about the scores' error.
@@ -183,6 +186,9 @@ class AWQ(Method):
         groups = [(p, names, True) for p, names in smoothable_groups(block)]
         if c.linear_scales:
             groups += [(p, names, False) for p, names in linear_fed_groups(block)]
+        if block.index == 0:
+            log.info("awq: per block, scales searched for %d groups: %s", len(groups),
+                     "; ".join(f"{p} -> {', '.join(names)}" for p, names, _ in groups))
         # ---- one calibration pass: inspected modules' calls and outputs, mean |x| of each group, input Gram matrices
         caps, handles = {}, []
         for norm, names, _ in groups:

@@ -65,3 +65,20 @@ def test_hqq_solvers_on_real_weights(real_loaded):
         start, final = lp_objective(w, s0, z0, spec.maxq, 0.7), lp_objective(w, scale, zero, spec.maxq, 0.7)
         assert torch.all(final <= start) and final.sum() < 0.99 * start.sum(), name
         assert all(b <= a for a, b in zip(trace, trace[1:]))
+
+
+def test_awq_linear_pairs_on_the_real_block(real_loaded):
+    """On SmolLM2 (grouped-query attention: v_proj 192 outputs, o_proj 576 inputs) the data-flow test finds exactly
+    the reference's up -> down pair, and not v -> o (which llm-awq and llm-compressor skip for these shapes too)."""
+    from compress.model.arch import channel_producers, find_blocks, trace_block
+
+    model = real_loaded.model
+    _, blocks = find_blocks(model)
+    cap = {}
+    h = blocks[0].register_forward_pre_hook(lambda m, a, k: cap.update(a=a, k=dict(k)), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 1000, (1, 32)))
+    h.remove()
+    x = cap["a"][0] if cap["a"] else cap["k"].pop("hidden_states")
+    graph = trace_block(blocks[0], x, cap["k"])
+    assert channel_producers(blocks[0], x, cap["k"], graph) == {"mlp.down_proj": "mlp.up_proj"}
