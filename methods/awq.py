@@ -53,8 +53,10 @@ class AWQConfig(WeightQuantConfig):
     clip: bool = option(True, "search each group's clip ratio by its output error (the reference's auto_clip)")
     clip_grid: int = option(20, "clip ratios 1 - i / clip_grid", range=(1, 1000))
     max_shrink: float = option(0.5, "smallest clip ratio searched is 1 - max_shrink (the reference's 0.5)", range=(0.0, 0.95))
-    linear_scales: bool = option(True, "also scale the linear-to-linear pairs (up -> down; v -> o where the shapes "
-                                       "match, no grouped KV), as the reference code; off: the norm-fed groups only")
+    linear_scales: bool = option(True, "also scale the linear-to-linear pairs (up -> down, v -> o), as the reference "
+                                       "code; off: the norm-fed groups only")
+    tied_scales: bool = option(True, "with --linear-scales, also v -> o under grouped KV heads, each v channel's scale "
+                                     "shared by the o_proj columns that read it (the reference skips these pairs)")
     scale_only: bool = option(False, "scale (and clip) the float weights only, quantize nothing: a first stage before "
                                      "gptq in a recipe")
 
@@ -116,6 +118,18 @@ def clip_search(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, grid: int, ma
         bounds.append(best)
         clipped[:, a:b] = torch.clamp(wg, -best[..., None], best[..., None]).reshape(out_f, -1)
     return clipped, torch.cat(bounds, dim=1)
+
+
+def _tie(v: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Per-channel statistics [in] of a tied group, averaged over the input channels sharing one producer channel
+    (index[j] for channel j): the scale search's s_X where one scale serves several columns (grouped KV's v -> o)."""
+    if index is None:
+        return v
+    index = index.to(v.device)
+    width = int(index.max()) + 1
+    total = torch.zeros(width, dtype=v.dtype, device=v.device).index_add_(0, index, v)
+    count = torch.zeros(width, dtype=v.dtype, device=v.device).index_add_(0, index, torch.ones_like(v))
+    return total / count
 
 
 def _common_parent(names: list[str]) -> str:
@@ -183,15 +197,18 @@ class AWQ(Method):
         spec = c.spec()
         targets = block.targets()
         # (producer, linears, whether the producer is a norm): the norm-fed groups, then the linear-fed ones
-        groups = [(p, names, True) for p, names in smoothable_groups(block)]
+        # (producer, linears, whether the producer is a norm, the channel map of a tied linear pair or None)
+        groups = [(p, names, True, None) for p, names in smoothable_groups(block)]
         if c.linear_scales:
-            groups += [(p, names, False) for p, names in linear_fed_groups(block)]
+            groups += [(p, names, False, index) for p, names, index in linear_fed_groups(block)
+                       if index is None or c.tied_scales]
         if block.index == 0:
             log.info("awq: per block, scales searched for %d groups: %s", len(groups),
-                     "; ".join(f"{p} -> {', '.join(names)}" for p, names, _ in groups))
+                     "; ".join(f"{p} -> {', '.join(names)}" + ("" if index is None else " (tied)")
+                               for p, names, _, index in groups))
         # ---- one calibration pass: inspected modules' calls and outputs, mean |x| of each group, input Gram matrices
         caps, handles = {}, []
-        for norm, names, _ in groups:
+        for norm, names, _, _ in groups:
             parent = _common_parent(names)
             cap = caps[norm] = _Capture()
             mod = block.block if parent == "" else block.get(parent)
@@ -210,7 +227,7 @@ class AWQ(Method):
         # ---- 1. scale search per group, on the original block
         report = self.report.setdefault("layers", {})
         folded: dict[str, torch.Tensor] = {}
-        for norm, names, by_norm in groups:
+        for norm, names, by_norm, index in groups:
             cap = caps[norm]
             parent = _common_parent(names)
             inspect = block.block if parent == "" else block.get(parent)
@@ -220,28 +237,30 @@ class AWQ(Method):
                     raise ConfigError(f"awq scales float nn.Linear layers, not {type(lin).__name__} at "
                                       f"{block.qualified(names[0])} (put awq before other quantizers)")
             originals = [lin.weight.detach().clone() for lin in linears]
-            x_mean = cap.abs_sum / max(cap.n, 1)
-            w_mean = weight_mean(originals, spec) if c.duo_scaling else None
-            best = (math.inf, 0.0, None)
+            x_mean = _tie(cap.abs_sum / max(cap.n, 1), index)
+            w_mean = _tie(weight_mean(originals, spec), index) if c.duo_scaling else None
+            best = (math.inf, 0.0, None, None)
             losses = {}
             for alpha in c.alphas():
-                s = awq_scales(x_mean, alpha, w_mean).to(originals[0].device)
+                s_tied = awq_scales(x_mean, alpha, w_mean).to(originals[0].device)
+                s = s_tied if index is None else s_tied[index.to(s_tied.device)]
                 for lin, w in zip(linears, originals):
                     lin.weight.copy_((rtn_fake_quantize(w.float() * s, spec) / s).to(w.dtype))
                 loss = _replay_loss(inspect, cap)
                 losses[alpha] = loss
                 if loss < best[0]:
-                    best = (loss, alpha, s)
+                    best = (loss, alpha, s, s_tied)
             for lin, w in zip(linears, originals):
                 lin.weight.copy_(w)
-            loss, alpha, s = best
+            loss, alpha, s, s_tied = best
             if by_norm:
                 fold_smoothing(block.get(norm), linears, s)
             else:
-                fold_into_linear(block.get(norm), linears, s)
+                fold_into_linear(block.get(norm), linears, s_tied, index)
             folded.update({n: s for n in names})
             report[block.qualified(norm)] = {"linears": names, "alpha": alpha, "loss": loss, "loss_alpha0": losses.get(0.0),
-                                             "s_min": round(float(s.min()), 5), "s_max": round(float(s.max()), 5)}
+                                             "s_min": round(float(s.min()), 5), "s_max": round(float(s.max()), 5),
+                                             **({} if index is None else {"tied": True})}
             del cap.calls, cap.outputs
         # ---- 2. clipping search per linear; 3. RTN on the grid
         for name in targets:

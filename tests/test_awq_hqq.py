@@ -300,12 +300,14 @@ def test_awq_clip_search_short_last_group():
 
 @pytest.mark.parametrize("arch,kv_heads,expected", [
     ("llama", None, {"self_attn.o_proj": "self_attn.v_proj", "mlp.down_proj": "mlp.up_proj"}),
-    ("llama", 2, {"mlp.down_proj": "mlp.up_proj"}),  # grouped KV: v's outputs are fewer than o's inputs
+    ("llama", 2, {"self_attn.o_proj": "self_attn.v_proj", "mlp.down_proj": "mlp.up_proj"}),  # grouped KV: tied
     ("opt", None, {"self_attn.out_proj": "self_attn.v_proj", "fc2": "fc1"}),  # ReLU is positively homogeneous
 ])
 def test_channel_producers_from_data_flow(arch, kv_heads, expected):
     """The linear-to-linear pairs AWQ's reference code scales (up -> down, v -> o, OPT's fc1 -> fc2), found by the
-    exact power-of-two test on the traced block; never gate -> down (SiLU) or q/k -> o (softmax)."""
+    exact power-of-two test on the traced block; never gate -> down (SiLU) or q/k -> o (softmax). With grouped KV
+    heads the map of o's input channels onto v's output channels is read off the data flow: query head h reads KV
+    head h // (heads / kv_heads)."""
     from compress.model.arch import channel_producers, find_blocks, trace_block
     from compress.model.tiny import tiny_model
 
@@ -318,14 +320,22 @@ def test_channel_producers_from_data_flow(arch, kv_heads, expected):
     h.remove()
     x = cap["a"][0] if cap["a"] else cap["k"].pop("hidden_states")
     graph = trace_block(blocks[0], x, cap["k"])
-    assert channel_producers(blocks[0], x, cap["k"], graph) == expected
+    feeds = channel_producers(blocks[0], x, cap["k"], graph)
+    assert {k: f.producer for k, f in feeds.items()} == expected
+    o = "self_attn.out_proj" if arch == "opt" else "self_attn.o_proj"
+    if kv_heads is None:
+        assert all(f.index is None for f in feeds.values())
+    else:  # 4 query heads of 16 channels over 2 KV heads: channel j of o reads v channel (j // 32) * 16 + j % 16
+        j = torch.arange(64)
+        assert torch.equal(feeds[o].index, (j // 32) * 16 + j % 16) and feeds["mlp.down_proj"].index is None
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_awq_linear_scales_fold_and_report(arch, tiny_calib):
-    """The linear-fed groups are searched and folded (producer rows / s, consumer columns * s): the float model
-    computes the same function, and turning them off leaves the producers' output rows alone."""
-    model = _outlier_model(arch)
+@pytest.mark.parametrize("arch,kv_heads", [("llama", None), ("llama", 2), ("opt", None)])
+def test_awq_linear_scales_fold_and_report(arch, kv_heads, tiny_calib):
+    """The linear-fed groups are searched and folded (producer rows / s, consumer columns * s, tied across the query
+    heads of a KV group): the float model computes the same function, and turning them off leaves the producers'
+    output rows alone."""
+    model = _outlier_model(arch, kv_heads=kv_heads)
     ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -336,5 +346,8 @@ def test_awq_linear_scales_fold_and_report(arch, tiny_calib):
     producer = "mlp.up_proj" if arch == "llama" else "fc1"
     assert any(k.endswith(producer) for k in rep_on) and not any(k.endswith(producer) for k in rep_off)
     assert any(k.endswith("v_proj") for k in rep_on)
+    assert any(v.get("tied") for v in rep_on.values()) == (kv_heads is not None)
+    untied = _engine_run(copy.deepcopy(model), tiny_calib, {**spec, "tied_scales": False}).stages[0].report["layers"]
+    assert any(k.endswith("v_proj") for k in untied) == (kv_heads is None)
     with torch.no_grad():
         torch.testing.assert_close(on(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)

@@ -15,12 +15,12 @@ from compress.pipeline.recipe import Recipe, RunContext
 from compress.sources.data import Calibration
 
 
-def _outlier_model(arch, seed=0):
+def _outlier_model(arch, seed=0, kv_heads=None):
     """A tiny model whose norms are not all-ones and whose hidden states carry a few large channels (the activation
     outliers SmoothQuant is about)."""
     from compress.model.tiny import tiny_model
 
-    model = tiny_model(arch, seed=seed, layers=2, hidden=64, intermediate=128)
+    model = tiny_model(arch, seed=seed, layers=2, hidden=64, intermediate=128, kv_heads=kv_heads)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -8,6 +8,7 @@ GPTQ, SmoothQuant and LLM-Pruner's dependency groups are built on, for LLaMA-fam
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -119,16 +120,33 @@ def _in_features(module: nn.Module) -> int | None:
     return getattr(module, "in_features", None)
 
 
-@torch.no_grad()
-def channel_producers(block: nn.Module, hidden: torch.Tensor, kwargs: dict, graph: BlockGraph) -> dict[str, str]:
-    """First linear of an input group not fed by a norm -> the linear whose output channels reach that group's input
-    channel for channel through products only (a gated MLP's up -> down; multi-head attention's v -> o when the
-    shapes match, as AWQ's reference code requires), read off the data flow, not the names.
+@dataclass
+class ChannelFeed:
+    """How a linear-fed input group reads its producer: input channel j of the group is output channel index[j] of
+    `producer` (index None: channel j itself), reached through products only."""
 
-    The test is exact: each candidate's output channels are multiplied by random powers of two (exact in every float
-    format), and the candidate produces the group iff the group's input changes by exactly the same factors. A
-    non-linearity on the path (SiLU, GELU, a softmax, a norm) breaks the equality, so gate -> down or q -> o never
-    pass; ReLU is positively homogeneous, so OPT's fc1 -> ReLU -> fc2 passes, as in the reference code's OPT scales."""
+    producer: str
+    index: torch.Tensor | None = None
+
+
+def _relative_error(got: torch.Tensor, expect: torch.Tensor) -> float:
+    scale = float(expect.norm())
+    return float((got - expect).norm()) / scale if scale > 0 else math.inf
+
+
+@torch.no_grad()
+def channel_producers(block: nn.Module, hidden: torch.Tensor, kwargs: dict, graph: BlockGraph) -> dict[str, ChannelFeed]:
+    """First linear of an input group not fed by a norm -> the linear whose output channels reach that group's input
+    channels through products only (a gated MLP's up -> down; attention's v -> o, each o input channel reading one v
+    channel, also with grouped KV heads), read off the data flow, not the names.
+
+    The test is exact: the candidate's output channels are multiplied by powers of two (exact in every float format),
+    and it feeds the group iff the group's input changes by exactly the same factors. Where the group is wider than
+    the candidate (grouped KV: o_proj reads each v channel once per query head of its group), each input channel's
+    source is read bit by bit first (factor 2 on the candidate channels whose index has bit b set), then the whole map
+    checked with random factors. A non-linearity on the path (SiLU, GELU, a softmax, a norm) breaks the equality, so
+    gate -> down or q/k -> o never pass; ReLU is positively homogeneous, so OPT's fc1 -> ReLU -> fc2 passes, as in
+    the reference code's OPT scales."""
     mods = dict(block.named_modules())
     open_groups = [g for g in graph.input_groups if graph.producers.get(g[0]) is None and _in_features(mods[g[0]])]
     if not open_groups:
@@ -139,12 +157,14 @@ def channel_producers(block: nn.Module, hidden: torch.Tensor, kwargs: dict, grap
     def record(name):
         def hook(m, inp, out):
             if name not in seen:
-                seen[name] = inp[0].detach().clone()
+                seen[name] = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
         return hook
 
-    def run(extra: list) -> dict[str, torch.Tensor]:
+    def run(cand: str | None = None, r: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         seen.clear()
-        handles = [mods[n].register_forward_hook(record(n)) for n in firsts] + extra
+        handles = [mods[n].register_forward_hook(record(n)) for n in firsts]
+        if cand is not None:
+            handles.append(mods[cand].register_forward_hook(lambda m, i, out: out * r.to(out.device, out.dtype)))
         try:
             block(hidden, **kwargs)
         finally:
@@ -152,26 +172,45 @@ def channel_producers(block: nn.Module, hidden: torch.Tensor, kwargs: dict, grap
                 h.remove()
         return dict(seen)
 
-    clean = run([])
+    clean = run()
     position = {n: i for i, n in enumerate(graph.order)}
     gen = torch.Generator().manual_seed(0)
-    found: dict[str, str] = {}
+    found: dict[str, ChannelFeed] = {}
     for cand in graph.order:
         width = _out_features(mods[cand])
-        wanted = [g[0] for g in open_groups if g[0] not in found and cand not in g and g[0] in clean
-                  and _in_features(mods[g[0]]) == width and position[cand] < position[g[0]]]
-        if not wanted:
+        if not width:
             continue
-        r = torch.pow(2.0, torch.randint(-2, 3, (width,), generator=gen).float())
-
-        def scale(m, inp, out, r=r):
-            return out * r.to(out.device, out.dtype)
-        scaled = run([mods[cand].register_forward_hook(scale)])
+        wanted = [g[0] for g in open_groups if g[0] not in found and cand not in g and g[0] in clean
+                  and _in_features(mods[g[0]]) % width == 0 and position[cand] < position[g[0]]]
         for first in wanted:
-            x, x2 = clean[first], scaled.get(first)
-            if x2 is None or x2.shape != x.shape:
+            x = clean[first]
+            index = None if x.shape[1] == width else _read_index(run, cand, first, x, width)
+            if x.shape[1] != width and index is None:
                 continue
-            expect = x.float() * r.to(x.device)
-            if float(expect.norm()) > 0 and float((x2.float() - expect).norm()) <= 1e-3 * float(expect.norm()):
-                found[first] = cand
+            r = torch.pow(2.0, torch.randint(-2, 3, (width,), generator=gen).float())
+            got = run(cand, r).get(first)
+            expect = x * (r if index is None else r[index]).to(x.device)
+            if got is not None and got.shape == x.shape and _relative_error(got, expect) <= 1e-3:
+                found[first] = ChannelFeed(cand, index)
     return found
+
+
+def _read_index(run, cand: str, first: str, x: torch.Tensor, width: int) -> torch.Tensor | None:
+    """For each input channel of the group, which of the candidate's `width` output channels it is (bit b of the
+    index from a run with factor 2 on the channels whose bit b is set), or None if some channel follows none."""
+    amax = x.abs().amax(dim=0)
+    if not bool((amax > 0).all()):
+        return None
+    index = torch.zeros(x.shape[1], dtype=torch.long)
+    ids = torch.arange(width)
+    for b in range(max(1, (width - 1).bit_length())):
+        bit = (ids >> b) & 1
+        got = run(cand, torch.pow(2.0, bit.float())).get(first)
+        if got is None or got.shape != x.shape:
+            return None
+        same = (got - x).abs().amax(dim=0) <= 1e-3 * amax
+        doubled = (got - 2 * x).abs().amax(dim=0) <= 1e-3 * amax
+        if not bool((same ^ doubled).all()):
+            return None
+        index |= doubled.long().cpu() << b
+    return index if bool((index < width).all()) else None

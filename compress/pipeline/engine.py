@@ -27,7 +27,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from compress.kernels.hessian import HessianSource
-from compress.model.arch import BlockGraph, channel_producers, find_blocks, trace_block
+from compress.model.arch import BlockGraph, ChannelFeed, channel_producers, find_blocks, trace_block
 from compress.model.surgery import is_linear_like, set_module
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,7 +141,7 @@ class BlockContext:
     def __init__(self, engine: "Engine", index: int, block: nn.Module, prefix: str):
         self.engine, self.index, self.block, self.prefix = engine, index, block, prefix
         self._graph: BlockGraph | None = None
-        self._channel_producers: dict[str, str] | None = None
+        self._channel_producers: dict[str, ChannelFeed] | None = None
 
     # ---- structure ----------------------------------------------------------------------------------------------
     @property
@@ -152,9 +152,9 @@ class BlockContext:
         return self._graph
 
     @property
-    def channel_producers(self) -> dict[str, str]:
-        """First linear of a group not fed by a norm -> the linear feeding it channel for channel through products only
-        (up -> down; v -> o without grouped KV): traced once, on demand (AWQ's linear-to-linear scales)."""
+    def channel_producers(self) -> dict[str, ChannelFeed]:
+        """First linear of a group not fed by a norm -> the linear feeding its channels through products only (up ->
+        down; v -> o), with the channel map: traced once, on demand (AWQ's linear-to-linear scales)."""
         if self._channel_producers is None:
             self._channel_producers = channel_producers(self.block, *self._trace_input(), self.graph)
         return self._channel_producers

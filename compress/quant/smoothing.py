@@ -51,17 +51,19 @@ def fold_smoothing(norm: nn.Module, linears: list[nn.Module], s: torch.Tensor) -
 
 
 @torch.no_grad()
-def fold_into_linear(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
-    """prev's output rows (and bias) /= s, W[:, j] *= s_j for every linear it feeds channel for channel through
-    products only (BlockContext.channel_producers: up -> down, v -> o): the block's function is unchanged."""
+def fold_into_linear(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, index: torch.Tensor | None = None) -> None:
+    """prev's output rows (and bias) /= s [prev.out], W[:, j] *= s[index[j]] (s_j where index is None) for every
+    linear prev feeds through products only (BlockContext.channel_producers: up -> down, v -> o): the block's
+    function is unchanged."""
     for lin in [prev, *linears]:
         if not isinstance(lin, nn.Linear):
             raise ConfigError(f"scales fold into float nn.Linear layers, not {type(lin).__name__} (scale before quantizing)")
     prev.weight.copy_((prev.weight.float() / s.to(prev.weight.device)[:, None]).to(prev.weight.dtype))
     if prev.bias is not None:
         prev.bias.copy_((prev.bias.float() / s.to(prev.bias.device)).to(prev.bias.dtype))
+    cols = s if index is None else s[index.to(s.device)]
     for lin in linears:
-        lin.weight.copy_((lin.weight.float() * s.to(lin.weight.device)).to(lin.weight.dtype))
+        lin.weight.copy_((lin.weight.float() * cols.to(lin.weight.device)).to(lin.weight.dtype))
 
 
 @dataclass
@@ -83,13 +85,14 @@ def smoothable_groups(block: "BlockContext") -> list[tuple[str, list[str]]]:
     return out
 
 
-def linear_fed_groups(block: "BlockContext") -> list[tuple[str, list[str]]]:
-    """(producing linear, linears) for every input group fed channel for channel by another linear's output through
-    products only (from the traced data flow: BlockContext.channel_producers) that holds a linear the run compresses."""
+def linear_fed_groups(block: "BlockContext") -> list[tuple[str, list[str], torch.Tensor | None]]:
+    """(producing linear, linears, channel map) for every input group fed by another linear's output channels through
+    products only (from the traced data flow: BlockContext.channel_producers) that holds a linear the run compresses;
+    the map gives each input channel's producer channel (None: one to one)."""
     targets = set(block.targets())
-    producers = block.channel_producers
-    return [(producers[g[0]], list(g)) for g in block.graph.input_groups
-            if g[0] in producers and targets.intersection(g)]
+    feeds = block.channel_producers
+    return [(feeds[g[0]].producer, list(g), feeds[g[0]].index) for g in block.graph.input_groups
+            if g[0] in feeds and targets.intersection(g)]
 
 
 def smooth_block(block: "BlockContext", alpha: float, stats: dict[str, "LinearStats"] | None = None) -> list[SmoothedGroup]:
