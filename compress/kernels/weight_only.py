@@ -22,7 +22,6 @@ kernel layout; the caller falls back to de-quantization and says so.
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 
