@@ -24,6 +24,20 @@ def _engine_run(model, calib, *specs):
     return recipe
 
 
+def first_block_feeds(model, vocab, seqlen):
+    """channel_producers of the model's first decoder block, traced on the inputs it gets from random token ids."""
+    from compress.model.arch import channel_producers, find_blocks, trace_block
+
+    _, blocks = find_blocks(model)
+    cap = {}
+    h = blocks[0].register_forward_pre_hook(lambda m, a, k: cap.update(a=a, k=dict(k)), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, vocab, (1, seqlen)))
+    h.remove()
+    x = cap["a"][0] if cap["a"] else cap["k"].pop("hidden_states")
+    return channel_producers(blocks[0], x, cap["k"], trace_block(blocks[0], x, cap["k"]))
+
+
 def _quant_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
@@ -308,19 +322,9 @@ def test_channel_producers_from_data_flow(arch, kv_heads, expected):
     exact power-of-two test on the traced block; never gate -> down (SiLU) or q/k -> o (softmax). With grouped KV
     heads the map of o's input channels onto v's output channels is read off the data flow: query head h reads KV
     head h // (heads / kv_heads)."""
-    from compress.model.arch import channel_producers, find_blocks, trace_block
     from compress.model.tiny import tiny_model
 
-    model = tiny_model(arch, kv_heads=kv_heads)
-    _, blocks = find_blocks(model)
-    cap = {}
-    h = blocks[0].register_forward_pre_hook(lambda m, a, k: cap.update(a=a, k=dict(k)), with_kwargs=True)
-    with torch.no_grad():
-        model(input_ids=torch.randint(0, 256, (1, 16)))
-    h.remove()
-    x = cap["a"][0] if cap["a"] else cap["k"].pop("hidden_states")
-    graph = trace_block(blocks[0], x, cap["k"])
-    feeds = channel_producers(blocks[0], x, cap["k"], graph)
+    feeds = first_block_feeds(tiny_model(arch, kv_heads=kv_heads), vocab=256, seqlen=16)
     assert {k: f.producer for k, f in feeds.items()} == expected
     o = "self_attn.out_proj" if arch == "opt" else "self_attn.o_proj"
     if kv_heads is None:

@@ -71,18 +71,9 @@ def test_awq_linear_pairs_on_the_real_block(real_loaded):
     """On SmolLM2 (grouped-query attention: 9 query heads of 64 over 3 KV heads; v_proj 192 outputs, o_proj 576
     inputs) the data-flow test finds the reference's up -> down pair one to one, and v -> o tied: o's input channel j
     reads v channel (j // 192) * 64 + j % 64 (llm-awq and llm-compressor skip this pair for these shapes)."""
-    from compress.model.arch import channel_producers, find_blocks, trace_block
+    from tests.test_awq_hqq import first_block_feeds
 
-    model = real_loaded.model
-    _, blocks = find_blocks(model)
-    cap = {}
-    h = blocks[0].register_forward_pre_hook(lambda m, a, k: cap.update(a=a, k=dict(k)), with_kwargs=True)
-    with torch.no_grad():
-        model(input_ids=torch.randint(0, 1000, (1, 32)))
-    h.remove()
-    x = cap["a"][0] if cap["a"] else cap["k"].pop("hidden_states")
-    graph = trace_block(blocks[0], x, cap["k"])
-    feeds = channel_producers(blocks[0], x, cap["k"], graph)
+    feeds = first_block_feeds(real_loaded.model, vocab=1000, seqlen=32)
     assert {k: f.producer for k, f in feeds.items()} == {"mlp.down_proj": "mlp.up_proj", "self_attn.o_proj": "self_attn.v_proj"}
     j = torch.arange(576)
     assert feeds["mlp.down_proj"].index is None and torch.equal(feeds["self_attn.o_proj"].index, (j // 192) * 64 + j % 64)
