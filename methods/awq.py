@@ -9,8 +9,9 @@ search of the block reads the inputs of the block before any change):
      module holding the group (self-attention for q/k/v, the MLP for gate/up) and Q the run's grid; then
      Y = (X diag(s)^-1)(diag(s) W) folded into the norm and the linears (the smoothing transform, eq. 3 of SmoothQuant);
      the same for every linear fed channel for channel by another linear through products only (the reference's
-     up -> down, and v -> o where the shapes match: found by the traced data flow), M the fed linear itself and
-     diag(s)^-1 folded into the producer's output rows;
+     up -> down and v -> o, found by the traced data flow; with grouped KV heads one scale per v channel, tied
+     across the o_proj columns reading it, s_X their mean), M the fed linear itself and diag(s)^-1 folded into the
+     producer's output rows;
   2. clipping search (the reference's auto_clip): per linear (q/k excluded, as in the reference) and per group of its
      grid, the clip ratio c in 1, 0.95, ..., 1 - max_shrink + 0.05 of max|w| minimising the output error
      (Q(clamp(w, -c max|w|, c max|w|)) - w) H (...)^T with H = X^T X / n the group's input Gram matrix (exactly the
@@ -120,16 +121,16 @@ def clip_search(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, grid: int, ma
     return clipped, torch.cat(bounds, dim=1)
 
 
-def _tie(v: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """Per-channel statistics [in] of a tied group, averaged over the input channels sharing one producer channel
-    (index[j] for channel j): the scale search's s_X where one scale serves several columns (grouped KV's v -> o)."""
+def _tie(v: torch.Tensor, index: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Per-channel statistics [in] of a tied group, averaged over the input channels sharing one of the producer's
+    `width` channels (index[j] for channel j; 1 where none reads it): the scale search's s_X where one scale serves
+    several columns (grouped KV's v -> o)."""
     if index is None:
         return v
     index = index.to(v.device)
-    width = int(index.max()) + 1
     total = torch.zeros(width, dtype=v.dtype, device=v.device).index_add_(0, index, v)
     count = torch.zeros(width, dtype=v.dtype, device=v.device).index_add_(0, index, torch.ones_like(v))
-    return total / count
+    return torch.where(count > 0, total / count.clamp(min=1), torch.ones_like(total))
 
 
 def _common_parent(names: list[str]) -> str:
@@ -237,8 +238,9 @@ class AWQ(Method):
                     raise ConfigError(f"awq scales float nn.Linear layers, not {type(lin).__name__} at "
                                       f"{block.qualified(names[0])} (put awq before other quantizers)")
             originals = [lin.weight.detach().clone() for lin in linears]
-            x_mean = _tie(cap.abs_sum / max(cap.n, 1), index)
-            w_mean = _tie(weight_mean(originals, spec), index) if c.duo_scaling else None
+            width = None if by_norm else block.get(norm).out_features
+            x_mean = _tie(cap.abs_sum / max(cap.n, 1), index, width)
+            w_mean = _tie(weight_mean(originals, spec), index, width) if c.duo_scaling else None
             best = (math.inf, 0.0, None, None)
             losses = {}
             for alpha in c.alphas():

@@ -353,5 +353,9 @@ def test_awq_linear_scales_fold_and_report(arch, kv_heads, tiny_calib):
     assert any(v.get("tied") for v in rep_on.values()) == (kv_heads is not None)
     untied = _engine_run(copy.deepcopy(model), tiny_calib, {**spec, "tied_scales": False}).stages[0].report["layers"]
     assert any(k.endswith("v_proj") for k in untied) == (kv_heads is None)
+    duo = copy.deepcopy(model)  # duo scaling's weight statistics are tied the same way
+    _engine_run(duo, tiny_calib, {**spec, "duo_scaling": True})
+    with torch.no_grad():
+        torch.testing.assert_close(duo(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(on(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
