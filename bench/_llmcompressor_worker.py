@@ -3,7 +3,8 @@ bench/gptq_vs_llmcompressor.py and bench/awq_vs_llmcompressor.py. Arguments: JSO
 "ids" [N, L]), bits, group_size (-1: per channel), sym, out (safetensors written with the quantized Linear weights, as
 floats), method ("gptq", the default; "awq": AWQModifier with its defaults, then QuantizationModifier on the grid;
 "spinquant": SpinQuantModifier(rotations, transform_type) then GPTQModifier on the grid, with "rotations" (default
-["R1", "R2"], the offline ones, fused into the weights) and "transform_type" (default "random-hadamard"))}.
+["R1", "R2"], the offline ones, fused into the weights) and "transform_type" (default "random-hadamard")), observer
+(optional: compressed-tensors' weight observer name, e.g. "mse"; default its own, min/max)}.
 Prints one JSON line: {"seconds": wall time of oneshot(), "versions": {...}}."""
 import json
 import sys
@@ -30,7 +31,8 @@ def main() -> None:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     g = int(args["group_size"])
     weights = QuantizationArgs(num_bits=int(args["bits"]), type="int", symmetric=bool(args["sym"]),
-                               strategy="channel" if g == -1 else "group", group_size=None if g == -1 else g)
+                               strategy="channel" if g == -1 else "group", group_size=None if g == -1 else g,
+                               **({"observer": args["observer"]} if args.get("observer") else {}))
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
     if args.get("method", "gptq") == "awq":
         from llmcompressor.modifiers.quantization import QuantizationModifier

@@ -11,6 +11,7 @@ construction; hence g64. Each row is appended to --out (atomically) as soon as i
 
     python bench/rotation_table.py                                          # all rows, 32 x 512 C4, 4 windows
     python bench/rotation_table.py --bits 3,2 --methods gptq,rotate+gptq --eval-windows all --out t.json
+    python bench/rotation_table.py --bits 2 --methods gptq,rotate+gptq --observer mse   # GPTQ's mse grid search
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200, help="AutoRound SignSGD steps per block (the paper's 200)")
     ap.add_argument("--minibatch", type=int, default=8, help="AutoRound sequences per step (the paper's 8)")
     ap.add_argument("--eval-windows", default="4", help="WikiText-2 test windows of 2048 tokens, or all")
+    ap.add_argument("--observer", default="minmax", choices=("minmax", "mse", "act-mse"),
+                    help="range observer of the RTN and GPTQ grids (AutoRound learns its own clipping from min/max)")
     ap.add_argument("--out", default=None, help="write the table as JSON (atomically, after every row)")
     args = ap.parse_args()
     os.environ.setdefault("COMPRESS_DATA_DIR", str(REPO.parent / "shared" / "data"))
@@ -72,7 +75,7 @@ def main() -> None:
     p = fp["protocol"]
     protocol = (f"WikiText-2 {p['variant']} {p['split']}, seqlen 2048, {p['windows']}/{p['windows_total']} windows, "
                 f"{p['dtype']}; calibration {calib.nsamples} x {calib.seqlen} tokens of {calib.source.variant} "
-                f"{calib.source.split}, seed 0; grid asymmetric g{args.group_size}; AutoRound {args.iters} steps, "
+                f"{calib.source.split}, seed 0; grid asymmetric g{args.group_size}, RTN/GPTQ observer {args.observer}; AutoRound {args.iters} steps, "
                 f"mini-batch {args.minibatch}, lr 1/{args.iters}; torch threads {torch.get_num_threads()}")
     print(f"protocol: {protocol}\nmachine at start: {start}\nfull precision: {fp['value']:.3f}", flush=True)
     rows = []
@@ -89,13 +92,16 @@ def main() -> None:
                       for s in METHODS[n]]
             stages = [{**s, "iters": args.iters, "minibatch": args.minibatch} if s["method"] == "autoround" else s
                       for s in stages]
+            if args.observer != "minmax":
+                stages = [{**s, "observer": args.observer} if s["method"] in ("rtn", "gptq") else s for s in stages]
             model = copy.deepcopy(lm.model)
             t0 = time.perf_counter()
             model = Recipe.from_specs(stages).run(model, RunContext(calibration=calib, progress=False))
             secs = time.perf_counter() - t0
             ppl = perplexity(model, lm.tokenizer, "wikitext2", **ev)["value"]
             del model
-            rows.append({"bits": bits, "group_size": args.group_size, "method": n, "ppl": round(ppl, 4),
+            rows.append({"bits": bits, "group_size": args.group_size, "method": n, "observer": args.observer,
+                         "ppl": round(ppl, 4),
                          "seconds": round(secs, 1), "uptime": os.popen("uptime").read().strip()})
             print(f"w{bits} g{args.group_size} {n:17s} ppl {ppl:10.3f}  {secs:7.1f} s", flush=True)
             save()

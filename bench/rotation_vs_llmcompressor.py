@@ -15,6 +15,7 @@ llmcompressor-0.14), through bench/_llmcompressor_worker.py (method "spinquant")
 
     python bench/rotation_vs_llmcompressor.py                                  # w4/w3/w2 g64, 32 x 512 C4, 8 windows
     python bench/rotation_vs_llmcompressor.py --bits 3 --nsamples 128 --eval-windows all
+    python bench/rotation_vs_llmcompressor.py --bits 2 --observer mse                  # both tools' MSE range search
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", default="8", help="windows of 2048 tokens to use, or all")
     ap.add_argument("--ours", default="r1+r4,r1+r2+r4,r1", help=f"our rotations, from {', '.join(OURS)}")
+    ap.add_argument("--observer", default="minmax", choices=("minmax", "mse"),
+                    help="both tools' GPTQ range observer (ours --observer; llm-compressor's QuantizationArgs observer)")
     ap.add_argument("--venv", default=None, help="peer venv folder (default: $COMPRESS_CACHE_DIR/venvs/llmcompressor-0.14)")
     args = ap.parse_args()
     windows = None if args.eval_windows == "all" else int(args.eval_windows)
@@ -77,14 +80,15 @@ def main() -> None:
         p = fp["protocol"]
         protocol = (f"WikiText-2 {p['variant']} {p['split']}, seqlen 2048, {p['windows']}/{p['windows_total']} windows, "
                     f"{p['dtype']}; calibration {calib.nsamples} x {calib.seqlen} tokens of {calib.source.variant} "
-                    f"{calib.source.split}, seed 0; grid asymmetric")
+                    f"{calib.source.split}, seed 0; grid asymmetric; GPTQ observer {args.observer}")
         print(f"protocol: {protocol}\nmachine at start: {start}\nfull precision: {fp['value']:.3f}", flush=True)
         for bits in [int(b) for b in args.bits.split(",")]:
             label = f"w{bits} g{args.group_size}"
             ours = {}
             for name, rot in ((f"rotate({v.upper()})+gptq", OURS[v]) for v in args.ours.split(",")):
                 model = copy.deepcopy(lm.model)
-                stages = [{"method": "rotate", **rot}, {"method": "gptq", "bits": bits, "group_size": args.group_size}]
+                stages = [{"method": "rotate", **rot}, {"method": "gptq", "bits": bits, "group_size": args.group_size,
+                                                         "observer": args.observer}]
                 t0 = time.perf_counter()
                 model = Recipe.from_specs(stages).run(model, RunContext(calibration=calib, progress=False))
                 secs = time.perf_counter() - t0
@@ -94,7 +98,8 @@ def main() -> None:
                 print(f"{label}  compress {name}: ppl {ppl:.3f}  {secs:.0f} s", flush=True)
             job = {"model_dir": str(tmp / "model"), "calib": str(tmp / "calib.safetensors"), "bits": bits,
                    "group_size": args.group_size, "sym": False, "method": "spinquant", "rotations": ["R1", "R2"],
-                   "transform_type": "random-hadamard", "out": str(tmp / f"peer-{bits}.safetensors")}
+                   "transform_type": "random-hadamard", "out": str(tmp / f"peer-{bits}.safetensors"),
+                   **({"observer": args.observer} if args.observer != "minmax" else {})}
             env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             res = subprocess.run([str(py), str(REPO / "bench" / "_llmcompressor_worker.py"), json.dumps(job)],
                                  capture_output=True, text=True, env=env)

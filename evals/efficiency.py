@@ -33,8 +33,9 @@ KNOWN_KERNELS = {
     "Linear": "dense: float matmul",
     "QuantLinear": "dequantize-on-the-fly: packed integer codes unpacked to the compute dtype every forward, then a float matmul",
     "Linear8bitLt": "quantized: bitsandbytes LLM.int8 int8 matmul with fp16 outlier columns",
-    "W8A8Linear": "quantized: int8 x int8 -> int32 matmul (CPU: oneDNN's int8 GEMM with the weight scale fused; else "
-                  "torch._int_mm or its exact fallback), per-token/tensor input scales",
+    "W8A8Linear": "quantized: int8 x int8 -> int32 matmul (CPU with AMX-int8, calls of >= 256 rows: oneDNN's int8 GEMM "
+                  "with the weight scale fused; else torch._int_mm or its exact fallback), per-token/tensor input "
+                  "scales",
     "SparseLinear": "dense: float matmul over the weight with its zeros (no sparse kernel)",
     "SparseQuantLinear": "dequantize-on-the-fly: codes of the kept weights unpacked into a dense weight, then a float matmul",
     "OWQLinear": "dequantize-on-the-fly: packed codes plus float16 weak columns, then a float matmul",

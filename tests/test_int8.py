@@ -72,7 +72,22 @@ def test_w8a8_linear_matches_reference_and_both_paths(scheme, monkeypatch):
         assert torch.equal(mod(x), got)
 
 
+def test_onednn_is_used_only_with_amx_int8(monkeypatch):
+    """Without AMX-int8, oneDNN runs signed int8 activations through its reference kernel (seconds per call), so the
+    W8A8 layer must keep torch._int_mm there, whatever the op's availability."""
+    monkeypatch.setattr(int8, "has_cpu_flag", lambda name: False)
+    monkeypatch.setattr(int8, "_ONEDNN_OK", [])
+    assert not int8.onednn_int8_supported()
+    mod = W8A8Linear.from_float(torch.randn(24, 72))
+    with torch.no_grad():
+        mod(torch.randn(w8a8_linear.ONEDNN_MIN_ROWS, 72))
+    assert getattr(mod, "_onednn_key", None) is None  # it did not go through oneDNN
+
+
 def test_onednn_path_is_exact_and_repacks_changed_weights(monkeypatch):
+    # the path's arithmetic on any CPU (without AMX oneDNN's reference kernel: slow, but exact on these small shapes)
+    monkeypatch.setattr(int8, "has_cpu_flag", lambda name: True)
+    monkeypatch.setattr(int8, "_ONEDNN_OK", [])
     if not int8.onednn_int8_supported():
         pytest.skip("oneDNN's int8 GEMM is not available in this torch build")
     g = torch.Generator().manual_seed(3)

@@ -9,11 +9,15 @@
 * `onednn_scaled_matmul(a, packed, w_scale)`: on CPU, oneDNN's int8 GEMM (`torch.ops.onednn.qlinear_pointwise`, the op
   PyTorch's x86 inductor lowering uses; AMX-int8 or VNNI where the CPU has them) with the per-output-channel weight
   scale applied inside the kernel: float32 float(a @ b^T) * w_scale, bit-identical to `int8_matmul(a, b).float() *
-  w_scale` (probed once). `b` is prepacked once by `onednn_pack` (a run-time copy in oneDNN's layout).
+  w_scale` (probed once). `b` is prepacked once by `onednn_pack` (a run-time copy in oneDNN's layout). Used only on
+  CPUs with AMX-int8: without AMX, oneDNN has no native kernel for signed int8 activations and runs its reference
+  implementation, thousands of times slower than torch._int_mm (compress.kernels.cpu).
 """
 from __future__ import annotations
 
 import torch
+
+from compress.kernels.cpu import has_cpu_flag
 
 INT8_MAX = 127
 
@@ -137,11 +141,11 @@ def onednn_scaled_matmul(a: torch.Tensor, packed: torch.Tensor, w_scale: torch.T
 
 
 def onednn_int8_supported() -> bool:
-    """Whether oneDNN's int8 GEMM runs here and equals the exact int8 product times the weight scale, bit for bit
-    (probed once, on odd shapes and the full int8 range)."""
+    """Whether oneDNN's int8 GEMM has a native kernel here (a CPU with AMX-int8) and equals the exact int8 product
+    times the weight scale, bit for bit (probed once, on odd shapes and the full int8 range)."""
     if not _ONEDNN_OK:
         ok = False
-        if hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise") \
+        if has_cpu_flag("amx_int8") and hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise") \
                 and torch.backends.mkldnn.is_available():
             try:
                 g = torch.Generator().manual_seed(0)

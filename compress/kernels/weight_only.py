@@ -26,19 +26,11 @@ import functools
 import torch
 
 from compress.kernels.compiled import compiled_form, compiling
+from compress.kernels.cpu import has_cpu_flag
 from compress.kernels.quant_grid import dequantize_packed
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm accepts, largest first
 INNER_K_TILES = 8  # CUDA layout parameter (K must be a multiple of 16 * inner_k_tiles); the CPU layout ignores it
-
-
-def _cpu_has_amx_bf16() -> bool:
-    """Whether the CPU multiplies bfloat16 with AMX tiles (oneDNN uses them for the bf16 GEMM: ~5x faster there)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:
-        return False
 
 
 # PyTorch's CPU weight-only kernels are built for few rows: above these many rows (tokens) per call the de-quantized
@@ -47,7 +39,7 @@ def _cpu_has_amx_bf16() -> bool:
 # ~128-256 rows and lost ~1.4x at 512 (int8 not measured separately there: the int4 limit); on a CPU with AMX-bf16
 # (1 and 2 threads, 2026-12-04) int4 wins up to 64 rows (loses 1.5x at 128, 4.8x at 512) and int8 up to 32 (loses 7x
 # at 512); in float32 either wins at most at 1 row (int4 loses 56-117x at 512, int8 41x).
-_AMX = _cpu_has_amx_bf16()
+_AMX = has_cpu_flag("amx_bf16")  # oneDNN's bf16 GEMM on AMX tiles: ~5x faster there
 INT4_CPU_MAX_ROWS = {torch.bfloat16: 64 if _AMX else 256, torch.float16: 256, torch.float32: 1}
 INT8_CPU_MAX_ROWS = {torch.bfloat16: 32 if _AMX else 256, torch.float16: 256, torch.float32: 1}
 CPU_MAX_ROWS = {"int4": INT4_CPU_MAX_ROWS, "int8": INT8_CPU_MAX_ROWS}
