@@ -7,7 +7,7 @@
   1024 columns (every partial sum is an integer of magnitude <= 1024 * 128 * 128 = 2^24, so float32 holds it
   exactly), accumulated in int32. Both give bit-identical integers.
 * `onednn_scaled_matmul(a, packed, w_scale)`: on CPU, oneDNN's int8 GEMM (`torch.ops.onednn.qlinear_pointwise`, the op
-  PyTorch's x86 inductor lowering uses; AMX-int8 or VNNI where the CPU has them) with the per-output-channel weight
+  PyTorch's x86 inductor lowering uses; native on AMX-int8 CPUs) with the per-output-channel weight
   scale applied inside the kernel: float32 float(a @ b^T) * w_scale, bit-identical to `int8_matmul(a, b).float() *
   w_scale` (probed once). `b` is prepacked once by `onednn_pack` (a run-time copy in oneDNN's layout). Used only on
   CPUs with AMX-int8: without AMX, oneDNN has no native kernel for signed int8 activations and runs its reference
