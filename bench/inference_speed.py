@@ -51,7 +51,6 @@ VARIANTS = {  # name -> (stages, needs calibration)
     "rtn-w4-g64+emb8": ([{"method": "rtn", "bits": 4, "group_size": 64}], False),
     "rtn-w4-g32+emb8": ([{"method": "rtn", "bits": 4, "group_size": 32}], False),
 }
-EMBEDDINGS = {"rtn-w4-g64+emb8": 8, "rtn-w4-g32+emb8": 8}  # variant -> --quantize-embeddings bits
 
 
 def _git(*args: str) -> str:
@@ -123,8 +122,8 @@ def main() -> None:
         model = base if not stages else Recipe.from_specs(stages).run(
             copy.deepcopy(base), RunContext(tokenizer=tok, calibration=calib if needs else None, progress=False,
                                             model_dtype=torch.bfloat16))
-        if name in EMBEDDINGS:
-            quantize_embeddings(model, EMBEDDINGS[name])
+        if "+emb" in name:  # "...+emb<bits>": --quantize-embeddings <bits>
+            quantize_embeddings(model, int(name.rsplit("+emb", 1)[1]))
             select_kernels(model)
         kern = kernel_report(model)
         for row, comp in ((name, False), (f"{name} compiled", True)):

@@ -16,6 +16,7 @@ implement (dropout, attention sinks, soft-capping), goes to transformers' SDPA f
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -45,6 +46,7 @@ def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     return out.reshape(b, h, 1, d).transpose(1, 2).to(query.dtype), None
 
 
+@functools.cache
 def _register() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
@@ -57,8 +59,8 @@ def _register() -> None:
 def decode_attention_for(model: torch.nn.Module):
     """Within the block, `model` (a transformers model using SDPA) attends through `decode_attention`; a model on
     another implementation (eager, flash, a custom one) is left as it is."""
-    configs = [m.config for m in model.modules() if getattr(getattr(m, "config", None), "_attn_implementation", None)
-               == "sdpa"]
+    configs = list({id(c): c for m in model.modules()  # the modules share one config (or one per sub-model)
+                    if getattr(c := getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}.values())
     if not configs:
         yield
         return
